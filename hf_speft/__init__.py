@@ -1,0 +1,30 @@
+"""hf-speft: salience-aware sparse parameter-efficient fine-tuning (SPEFT) as a peft method.
+
+`import hf_speft` registers the method with peft, so `get_peft_model`, `PeftModel.from_pretrained`,
+`AutoPeftModel*` and `PeftConfig.from_pretrained` handle SPEFT adapters.
+"""
+
+from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft
+from .config import SparsePeftConfig
+from .layer import Linear, SparsePeftLayer
+from .masking import select_mask
+from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
+from .salience import SalienceContext, available_measures, register_salience
+
+register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SPEFT_PEFT_TYPE",
+    "CorruptAdapterError",
+    "Linear",
+    "SalienceContext",
+    "SparsePeftConfig",
+    "SparsePeftLayer",
+    "SparsePeftModel",
+    "available_measures",
+    "register_salience",
+    "select_mask",
+    "sparse_layers",
+]

@@ -1,0 +1,58 @@
+"""Registration of SPEFT with peft: a `PeftType.SPEFT` member and the peft method mappings.
+
+peft's `PeftType` is a closed `str` enum and `register_peft_method` only accepts its members, so the member is added
+here the way `enum` itself builds members (name == value, so the string "SPEFT" and the member are the same dict
+key). Both steps are idempotent: importing or reloading `hf_speft` again leaves one consistent registration.
+"""
+
+from __future__ import annotations
+
+from peft.utils.peft_types import PeftType, register_peft_method
+
+METHOD_NAME = "speft"
+PREFIX = "speft_"
+
+
+def _extend_peft_type(name: str) -> PeftType:
+    """Return `PeftType[name]`, adding the member first if peft does not have it."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+SPEFT_PEFT_TYPE = _extend_peft_type(METHOD_NAME.upper())
+
+
+def register_sparse_peft(config_cls: type, model_cls: type) -> None:
+    """Register SPEFT in peft's mappings once; a re-import of the same classes replaces the earlier entries."""
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(SPEFT_PEFT_TYPE)
+    if registered is not None:
+        if (registered.__module__, registered.__qualname__) != (model_cls.__module__, model_cls.__qualname__):
+            raise KeyError(
+                f"peft type {SPEFT_PEFT_TYPE.value!r} is already registered to {registered.__module__}."
+                f"{registered.__qualname__}; hf_speft cannot register {model_cls.__qualname__} under the same name."
+            )
+        for mapping in (
+            PEFT_TYPE_TO_CONFIG_MAPPING,
+            PEFT_TYPE_TO_TUNER_MAPPING,
+            PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+            PEFT_TYPE_TO_PREFIX_MAPPING,
+        ):
+            mapping.pop(SPEFT_PEFT_TYPE, None)
+    register_peft_method(name=METHOD_NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)

@@ -1,0 +1,162 @@
+"""`SparsePeftConfig`: the fields of a SPEFT adapter, their validation and the budget arithmetic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registry import SPEFT_PEFT_TYPE
+from .salience.registry import available_measures
+
+MASK_SCOPES = ("global", "local")
+SALIENCE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class SparsePeftConfig(PeftConfig):
+    """Configuration of a salience-aware sparse delta (SPEFT): θ = θ0 + θ_sp, θ_sp trained only on a top-ρ mask.
+
+    Args:
+        target_modules: Module names (list: exact or suffix match) or a regex (str) to adapt; `"all-linear"` adapts
+            every linear layer except the output head. None uses peft's default targets for the architecture.
+        exclude_modules: Module names or a regex never to adapt.
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        layers_to_transform: Layer indices to adapt (with `layers_pattern`), as in peft's LoRA.
+        layers_pattern: Name of the layer container (e.g. `"layers"`) used with `layers_to_transform`.
+        density: Fraction of all targeted weights to train, 0 < density <= 1.
+        num_params: Exact number of weights to train.
+        match_lora_rank: Train as many weights as a LoRA of this rank would on the same targets (Σ r·(m+n)).
+        mask_scope: `"global"` ranks all targeted weights together; `"local"` gives every layer the same density.
+        salience: Name of the measure that scores weights (see `hf_speft.available_measures()`). Data-free measures
+            (`"magnitude"`, `"random"`, `"synflow"`) build the mask inside `get_peft_model`; the others leave the
+            adapter uncalibrated until `hf_speft.calibrate(model, dataloader)` runs.
+        salience_batches: Number of batches used by data-dependent measures (the paper: 64 batches of 16 samples).
+        salience_dtype: Dtype the scores accumulate in, `"float32"` or `"bfloat16"`.
+        salience_device: Device the scores accumulate on (e.g. `"cpu"` to offload); None keeps each weight's device.
+        init_weights: True starts from a zero delta (model output unchanged); False draws a random nonzero delta
+            (for tests, as peft tuners do).
+        seed: Seed of the random measure and of `init_weights=False`.
+        fold_weights: Opt-in speed mode: while training, keep the delta written into the frozen base weight (the
+            original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
+            restored for saving, `disable_adapter`, adapter switches and merges. Refused for quantized or sharded
+            (ZeRO-3) bases and with several active adapters.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (list) or regex (str) to adapt; 'all-linear' for all linear layers."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (list) or regex (str) never to adapt."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a classifier)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt (used with layers_pattern)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer container, e.g. 'layers', for layers_to_transform."}
+    )
+    density: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of the targeted weights to train, 0 < density <= 1."}
+    )
+    num_params: Optional[int] = field(default=None, metadata={"help": "Exact number of weights to train."})
+    match_lora_rank: Optional[int] = field(
+        default=None, metadata={"help": "Train as many weights as a LoRA of this rank on the same targets."}
+    )
+    mask_scope: Literal["global", "local"] = field(
+        default="global", metadata={"help": "'global': one ranking across all targets; 'local': same density per layer."}
+    )
+    salience: str = field(
+        default="gradient", metadata={"help": "Salience measure that scores weights, e.g. 'gradient', 'magnitude'."}
+    )
+    salience_batches: int = field(default=64, metadata={"help": "Batches used by data-dependent salience measures."})
+    salience_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "Dtype the salience scores accumulate in."}
+    )
+    salience_device: Optional[str] = field(
+        default=None, metadata={"help": "Device the salience scores accumulate on ('cpu' to offload)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero delta at start; False: random nonzero delta (for tests)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random measure and of init_weights=False."})
+    fold_weights: bool = field(
+        default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SPEFT_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        self._validate_budget()
+        if self.mask_scope not in MASK_SCOPES:
+            raise ValueError(f"mask_scope={self.mask_scope!r} is not allowed; use one of {MASK_SCOPES}.")
+        measures = available_measures()
+        if self.salience not in measures:
+            raise ValueError(
+                f"salience={self.salience!r} is not a registered measure; use one of {sorted(measures)} "
+                "(custom measures must be registered with hf_speft.register_salience before the config is built "
+                "or loaded)."
+            )
+        if not isinstance(self.salience_batches, int) or self.salience_batches < 1:
+            raise ValueError(f"salience_batches={self.salience_batches!r} must be a positive integer.")
+        if self.salience_dtype not in SALIENCE_DTYPES:
+            raise ValueError(f"salience_dtype={self.salience_dtype!r} is not allowed; use one of {SALIENCE_DTYPES}.")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer.")
+
+    def _validate_budget(self) -> None:
+        given = {
+            name: value
+            for name, value in (
+                ("density", self.density),
+                ("num_params", self.num_params),
+                ("match_lora_rank", self.match_lora_rank),
+            )
+            if value is not None
+        }
+        if len(given) != 1:
+            raise ValueError(
+                "Set exactly one budget of `density` (0 < d <= 1), `num_params` (a count) or `match_lora_rank` "
+                f"(a LoRA rank); got {given or 'none'}."
+            )
+        if self.density is not None and not (
+            isinstance(self.density, (int, float)) and not isinstance(self.density, bool) and 0 < self.density <= 1
+        ):
+            raise ValueError(f"density={self.density!r} is not allowed; it must satisfy 0 < density <= 1.")
+        for name in ("num_params", "match_lora_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer.")
+
+    def total_budget(self, weight_shapes: list[tuple[int, int]]) -> int:
+        """Number of weights to train across targets of the given (out_features, in_features) shapes."""
+        total = sum(out_features * in_features for out_features, in_features in weight_shapes)
+        if self.density is not None:
+            count = round(self.density * total)
+            source = f"density={self.density}"
+        elif self.num_params is not None:
+            count = self.num_params
+            source = f"num_params={self.num_params}"
+        else:
+            count = sum(self.match_lora_rank * (out_f + in_f) for out_f, in_f in weight_shapes)
+            source = f"match_lora_rank={self.match_lora_rank}"
+        if count < 1:
+            raise ValueError(f"{source} selects no weight out of the {total} targeted ones; raise the budget.")
+        if count > total:
+            raise ValueError(
+                f"{source} asks for {count} trainable weights but the targeted modules hold only {total}; "
+                "lower the budget or target more modules."
+            )
+        return count

@@ -1,0 +1,303 @@
+"""`SparsePeftLayer`: per-adapter sparse deltas on a frozen `nn.Linear` or transformers `Conv1D`.
+
+Per adapter the layer holds `speft_indices` (sorted flat positions in the logical (out_features, in_features)
+weight, int32 when they fit), `speft_values` (the trainable deltas, one per index) and `speft_weight_shape` (saved so
+loading can check the base model). Forward order follows peft's tuners: disabled -> merged -> sparse path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .ops import SparsePattern, sparse_delta
+
+if TYPE_CHECKING:
+    from .config import SparsePeftConfig
+
+UNCALIBRATED_MESSAGE = (
+    "The SPEFT adapter {adapter!r} uses the data-dependent salience {salience!r} and has no mask yet. Build it with "
+    "`hf_speft.calibrate(model, dataloader)` (or train with `hf_speft.SpeftTrainer`, which calibrates before the first "
+    "step), or choose a data-free measure such as salience='magnitude'."
+)
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 for weights with fewer than 2**31 entries, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def base_weight_is_writable(base_layer: nn.Module) -> bool:
+    """False for quantized or sharded (DeepSpeed ZeRO-3) weights, whose entries cannot be written in place."""
+    weight = getattr(base_layer, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dtype.is_floating_point
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and not hasattr(weight, "ds_id")
+        and weight.numel() > 0
+    )
+
+
+def _unfold_hook(module: "SparsePeftLayer", *args: Any) -> None:
+    """State-dict (load) pre-hook: the base weight is read or written only in its original, unfolded state."""
+    module._unfold()
+
+
+@dataclass
+class _FoldedDelta:
+    """An adapter whose delta is currently written into the base weight, and the entries it replaced."""
+
+    adapter: str
+    original: torch.Tensor
+    values_version: tuple[int, int]
+
+
+class SparsePeftLayer(BaseTunerLayer):
+    """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
+
+    adapter_layer_names = ("speft_values",)
+    other_param_names = ("speft_indices", "speft_weight_shape")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.speft_values = nn.ParameterDict({})
+        self.speft_indices = BufferDict({}, persistent=True)
+        self.speft_weight_shape = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.speft_salience: dict[str, str] = {}
+        self.speft_fold_weights: dict[str, bool] = {}
+        self.speft_uncalibrated: set[str] = set()
+        self._patterns: dict[str, SparsePattern] = {}
+        self._merge_originals: dict[str, torch.Tensor] = {}
+        self._folded: Optional[_FoldedDelta] = None
+
+    # ----------------------------------------------------------------- adapter state
+    def update_layer(self, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
+        """Add an adapter with an empty mask; `SparsePeftModel` fills it once all targets are known."""
+        base_layer = self.get_base_layer()
+        if config.fold_weights and not base_weight_is_writable(base_layer):
+            raise ValueError(
+                f"fold_weights=True needs a plain floating-point base weight to write into, but {type(base_layer)} "
+                "holds a quantized or sharded weight; use fold_weights=False for this model."
+            )
+        self.speft_salience[adapter_name] = config.salience
+        self.speft_fold_weights[adapter_name] = config.fold_weights
+        self.speft_weight_shape[adapter_name] = torch.tensor([self.out_features, self.in_features])
+        self.set_mask(adapter_name, torch.zeros(0, dtype=torch.int64))
+        self.speft_uncalibrated.add(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_mask(
+        self,
+        adapter_name: str,
+        indices: torch.Tensor,
+        values: Optional[torch.Tensor] = None,
+        init_weights: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        """Give `adapter_name` the sorted, unique flat `indices` and their `values` (zeros, or random if not
+        `init_weights`). The adapter must not be merged."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Unmerge the adapter {adapter_name!r} before changing its mask.")
+        numel = self.out_features * self.in_features
+        indices = indices.detach().reshape(-1)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= numel or (indices.diff() <= 0).any()):
+            raise ValueError(
+                f"Mask indices for adapter {adapter_name!r} must be sorted, unique and in [0, {numel}) for a "
+                f"{self.out_features}x{self.in_features} weight."
+            )
+        if values is not None and values.shape != indices.shape:
+            raise ValueError(f"Got {values.numel()} values for {indices.numel()} mask indices of {adapter_name!r}.")
+        self._unfold()
+        weight = self.get_base_layer().weight
+        device = weight.device
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=torch.float32)
+            if not init_weights:
+                std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
+                values = torch.randn(indices.numel(), generator=generator) * (std if math.isfinite(std) else 1.0)
+        previous = self.speft_values[adapter_name] if adapter_name in self.speft_values else None
+        dtype = previous.dtype if previous is not None else values.dtype
+        requires_grad = previous.requires_grad if previous is not None else True
+        self.speft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
+        self.speft_values[adapter_name] = nn.Parameter(
+            values.detach().to(device=device, dtype=dtype), requires_grad=requires_grad
+        )
+        self._patterns.pop(adapter_name, None)
+        self.speft_uncalibrated.discard(adapter_name)
+
+    def pattern(self, adapter_name: str) -> SparsePattern:
+        """The CSR structures of an adapter's mask (cached until the mask changes)."""
+        indices = self.speft_indices[adapter_name]
+        cached = self._patterns.get(adapter_name)
+        if cached is None or cached.crow.device != indices.device:
+            cached = self._patterns[adapter_name] = SparsePattern(indices, self.out_features, self.in_features)
+        return cached
+
+    def check_calibrated(self, adapter_name: str) -> None:
+        """Raise the how-to-calibrate error if the adapter has no mask yet."""
+        if adapter_name in self.speft_uncalibrated:
+            raise RuntimeError(
+                UNCALIBRATED_MESSAGE.format(adapter=adapter_name, salience=self.speft_salience.get(adapter_name))
+            )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self._folded is not None and self._folded.adapter == adapter_name:
+            self._unfold()
+        super().delete_adapter(adapter_name)
+        for state in (self.speft_salience, self.speft_fold_weights, self._patterns, self._merge_originals):
+            state.pop(adapter_name, None)
+        self.speft_uncalibrated.discard(adapter_name)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        self._unfold()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._unfold()
+        super().enable_adapters(enabled)
+
+    # ----------------------------------------------------------------- weight access
+    def _flat_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        if not base_weight_is_writable(self.get_base_layer()) or not weight.is_contiguous():
+            raise ValueError(
+                f"Cannot write the sparse delta into the base weight of {type(self.get_base_layer()).__name__}: it is "
+                "quantized, sharded or not contiguous."
+            )
+        return weight.data.view(-1)
+
+    def storage_indices(self, adapter_name: str) -> torch.Tensor:
+        """int64 positions of the adapter's entries in the base weight's own storage (Conv1D stores Wᵀ)."""
+        indices = self.speft_indices[adapter_name].to(torch.int64)
+        if not self.fan_in_fan_out:
+            return indices
+        rows = torch.div(indices, self.in_features, rounding_mode="floor")
+        cols = indices - rows * self.in_features
+        return cols * self.out_features + rows
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging)."""
+        weight = self.get_base_layer().weight
+        delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
+        delta[self.storage_indices(adapter_name)] = self.speft_values[adapter_name].detach().to(weight.dtype)
+        return delta.view_as(weight)
+
+    # ----------------------------------------------------------------- merging
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' deltas into the base weight; `unmerge` restores it exactly."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._unfold()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.speft_values:
+                continue
+            self.check_calibrated(adapter_name)
+            flat, positions = self._flat_weight(), self.storage_indices(adapter_name)
+            original = flat[positions]
+            merged = original + self.speft_values[adapter_name].detach().to(flat.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+                )
+            flat[positions] = merged
+            self._merge_originals[adapter_name] = original
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight entries that `merge` replaced, most recent merge first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            flat = self._flat_weight()
+            flat[self.storage_indices(adapter_name)] = self._merge_originals.pop(adapter_name)
+
+    # ----------------------------------------------------------------- fold_weights speed mode
+    def _fold(self, adapter_name: str) -> None:
+        """Keep W[idx] = W0[idx] + values written into the base weight; rewrite only when the values changed."""
+        values = self.speft_values[adapter_name]
+        version = (values.data_ptr(), values._version)
+        folded = self._folded
+        if folded is not None and folded.adapter == adapter_name and folded.values_version == version:
+            return
+        if folded is not None and folded.adapter != adapter_name:
+            self._unfold()
+            folded = None
+        flat, positions = self._flat_weight(), self.storage_indices(adapter_name)
+        with torch.no_grad():
+            original = flat[positions] if folded is None else folded.original
+            flat[positions] = original + values.detach().to(flat.dtype)
+        self._folded = _FoldedDelta(adapter_name, original, version)
+
+    def _unfold(self) -> None:
+        """Restore the base weight if a delta is folded into it."""
+        if self._folded is None:
+            return
+        with torch.no_grad():
+            self._flat_weight()[self.storage_indices(self._folded.adapter)] = self._folded.original
+        self._folded = None
+
+
+class Linear(nn.Module, SparsePeftLayer):
+    """SPEFT on a `torch.nn.Linear` or transformers `Conv1D` base layer."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SparsePeftLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+        self.register_state_dict_pre_hook(_unfold_hook)
+        self._register_load_state_dict_pre_hook(_unfold_hook, with_module=True)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("SPEFT does not support mixed-adapter batches (`adapter_names=`); use set_adapter.")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            self._unfold()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.speft_values]
+        for name in active:
+            if name in self.speft_uncalibrated and torch.is_grad_enabled() and self.training:
+                self.check_calibrated(name)
+        active = [name for name in active if name not in self.speft_uncalibrated]
+        fold = [name for name in active if self.speft_fold_weights[name]]
+        if fold and len(active) > 1:
+            raise ValueError(
+                f"fold_weights=True supports one active adapter, but {active} are active; set one adapter active "
+                "or use fold_weights=False."
+            )
+        if fold:
+            self._fold(fold[0])
+        else:
+            self._unfold()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            values = self.speft_values[name]
+            if fold and not (values.requires_grad and torch.is_grad_enabled()):
+                continue
+            result = sparse_delta(result, x, values, self.pattern(name), add_delta=not fold)
+        return result
+
+    def __repr__(self) -> str:
+        return "speft." + super().__repr__()

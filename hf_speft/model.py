@@ -1,0 +1,187 @@
+"""`SparsePeftModel`: the peft `BaseTuner` that injects `SparsePeftLayer`s and owns their masks and saved state."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SparsePeftConfig
+from .layer import Linear, SparsePeftLayer
+from .masking import select_mask
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, SparsePeftLayer]:
+    """Module name -> SPEFT layer for every SPEFT layer in `model` (holding `adapter_name`, if given)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, SparsePeftLayer) and (adapter_name is None or adapter_name in module.speft_values)
+    }
+
+
+def speft_tuner(model: nn.Module) -> SparsePeftModel:
+    """The `SparsePeftModel` of a `PeftModel` (or the tuner itself); a clear error for anything else."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(tuner, SparsePeftModel):
+        raise TypeError(
+            f"Expected a PeftModel with a SPEFT adapter (from get_peft_model(model, SparsePeftConfig(...))), got "
+            f"{type(model).__name__}."
+        )
+    return tuner
+
+
+class CorruptAdapterError(ValueError):
+    """A saved SPEFT adapter does not fit the model it is loaded into, or its tensors are malformed."""
+
+
+class SparsePeftModel(BaseTuner):
+    """Salience-aware sparse fine-tuning (SPEFT) as a peft tuner: θ = θ0 + θ_sp with θ_sp on a top-ρ mask.
+
+    Example:
+        ```py
+        >>> import hf_speft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, hf_speft.SparsePeftConfig(target_modules=["q_proj", "v_proj"],
+        ...                                                       density=0.005, salience="magnitude"))
+        ```
+    """
+
+    prefix: str = "speft_"
+    tuner_layer_cls = SparsePeftLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    @staticmethod
+    def _create_new_module(config: SparsePeftConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"Target module {target.__class__.__name__} is not supported by SPEFT; supported are "
+                "torch.nn.Linear and transformers' Conv1D."
+            )
+        return Linear(target, adapter_name, config=config, **kwargs)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if isinstance(target, SparsePeftLayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Wrap the targets, then build the mask right away when the configured salience measure needs no data."""
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
+        from .salience import compute_adapter_salience, get_measure
+
+        config = self.peft_config[adapter_name]
+        if get_measure(config.salience).data_free and not low_cpu_mem_usage:
+            self.set_masks(adapter_name, compute_adapter_salience(self, adapter_name))
+
+    def set_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Select the configured budget from per-layer `scores` (keyed like `sparse_layers`) and install the masks.
+
+        Returns the number of trainable entries per layer.
+        """
+        config: SparsePeftConfig = self.peft_config[adapter_name]
+        layers = sparse_layers(self.model, adapter_name)
+        if set(scores) != set(layers):
+            missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
+            raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
+        budget = config.total_budget([(layer.out_features, layer.in_features) for layer in layers.values()])
+        masks = select_mask({name: scores[name] for name in layers}, budget, config.mask_scope)
+        generator = torch.Generator().manual_seed(config.seed)
+        for name, layer in layers.items():
+            layer.set_mask(adapter_name, masks[name], init_weights=config.init_weights, generator=generator)
+        return {name: int(mask.numel()) for name, mask in masks.items()}
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        for layer in sparse_layers(self.model).values():
+            layer._unfold()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving and loading (peft#3490 hooks)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        for layer in sparse_layers(model, adapter_name).values():
+            layer.check_calibrated(adapter_name)
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every SPEFT tensor of the checkpoint against the model, then size the masks to fit it.
+
+        Nothing in the model changes unless the whole checkpoint is valid.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = sparse_layers(model, adapter_name)
+        prefix = "base_model.model."
+        model_keys = {name.removeprefix(prefix) for name in layers}
+        checked = {}
+        for name, layer in layers.items():
+            entries = {}
+            for attr in ("speft_indices", "speft_values", "speft_weight_shape"):
+                key = f"{name}.{attr}.{adapter_name}"
+                if key not in remapped:
+                    raise CorruptAdapterError(
+                        f"The checkpoint of adapter {adapter_name!r} has no {attr} for module {name!r}; the file is "
+                        "incomplete or was saved for a different model or target_modules."
+                    )
+                entries[attr] = remapped[key]
+            checked[name] = cls._validated_mask(name, layer, **entries)
+        stray = sorted(
+            key for key in remapped
+            if ".speft_" in key and key.rpartition(".speft_")[0].removeprefix(prefix) not in model_keys
+        )
+        if stray:
+            raise CorruptAdapterError(
+                f"The checkpoint holds SPEFT tensors for modules this model does not target: {stray[:5]}; it was "
+                "saved for a different base model or target_modules."
+            )
+        for name, (indices, values) in checked.items():
+            layers[name].set_mask(adapter_name, indices, values=values)
+        return remapped
+
+    @staticmethod
+    def _validated_mask(name, layer, speft_indices, speft_values, speft_weight_shape):
+        expected = (layer.out_features, layer.in_features)
+        if tuple(speft_weight_shape.tolist()) != expected:
+            raise CorruptAdapterError(
+                f"Module {name!r}: the adapter was saved for a {tuple(speft_weight_shape.tolist())} weight but the "
+                f"base model has {expected}; load it onto the base model it was trained on."
+            )
+        if speft_indices.dim() != 1 or speft_indices.dtype not in (torch.int32, torch.int64):
+            raise CorruptAdapterError(f"Module {name!r}: speft_indices must be a 1-D int32/int64 tensor.")
+        if speft_values.dim() != 1 or not speft_values.dtype.is_floating_point:
+            raise CorruptAdapterError(f"Module {name!r}: speft_values must be a 1-D floating-point tensor.")
+        if speft_values.numel() != speft_indices.numel():
+            raise CorruptAdapterError(
+                f"Module {name!r}: {speft_values.numel()} values for {speft_indices.numel()} indices."
+            )
+        numel = expected[0] * expected[1]
+        indices = speft_indices.to(torch.int64)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= numel):
+            raise CorruptAdapterError(f"Module {name!r}: indices out of range [0, {numel}).")
+        if (indices.diff() <= 0).any():
+            raise CorruptAdapterError(f"Module {name!r}: indices are not strictly increasing (unsorted or repeated).")
+        if not torch.isfinite(speft_values).all():
+            raise CorruptAdapterError(f"Module {name!r}: values contain NaN or inf.")
+        return indices, speft_values

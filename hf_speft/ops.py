@@ -1,0 +1,121 @@
+"""Sparse-delta kernels: y = base(x) + x·Δᵀ with Δ given by (indices, values), never materialising a dense Δ.
+
+`SparsePattern` derives the CSR structures of a fixed mask once (O(nnz + rows + cols)); `sparse_delta` is the
+autograd entry point. Its backward computes the gradient of the values only at the mask, with a sampled dense-dense
+matmul (SDDMM: `grad_values[j] = Σ_t g[t, row_j] · x[t, col_j]`), and saves nothing but the input `x` for it.
+Half-precision inputs run the sparse kernels in float32 (CPU has no bf16/fp16 CSR kernels); the cast is transient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SparsePattern:
+    """The CSR layout of a sparse (out_features, in_features) delta whose flat row-major indices are sorted."""
+
+    def __init__(self, indices: torch.Tensor, out_features: int, in_features: int) -> None:
+        self.shape = (out_features, in_features)
+        self.nnz = indices.numel()
+        index_dtype = torch.int32 if out_features * in_features < 2**31 else torch.int64
+        flat = indices.to(torch.int64)
+        rows = torch.div(flat, in_features, rounding_mode="floor")
+        cols = flat - rows * in_features
+        self.crow = self._compressed(rows, out_features).to(index_dtype)
+        self.col = cols.to(index_dtype)
+        self._index_dtype = index_dtype
+        self._rows, self._cols = rows, cols
+        self._transposed: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._sampling_masks: dict[torch.dtype, torch.Tensor] = {}
+
+    @staticmethod
+    def _compressed(major: torch.Tensor, size: int) -> torch.Tensor:
+        pointers = torch.zeros(size + 1, dtype=torch.int64, device=major.device)
+        pointers[1:] = torch.bincount(major, minlength=size).cumsum(0)
+        return pointers
+
+    def delta(self, values: torch.Tensor) -> torch.Tensor:
+        """Δ as a CSR tensor of shape (out_features, in_features)."""
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+    def delta_transposed(self, values: torch.Tensor) -> torch.Tensor:
+        """Δᵀ as a CSR tensor of shape (in_features, out_features); its structure is built on first use."""
+        if self._transposed is None:
+            out_features, in_features = self.shape
+            order = torch.argsort(self._cols * out_features + self._rows)
+            ccol = self._compressed(self._cols, in_features).to(self._index_dtype)
+            self._transposed = (ccol, self._rows[order].to(self._index_dtype), order)
+        ccol, rows, order = self._transposed
+        shape = (self.shape[1], self.shape[0])
+        return torch.sparse_csr_tensor(ccol, rows, values[order], shape, check_invariants=False)
+
+    def sampled_product(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(grad_outᵀ · x) at the mask positions, in index order; grad_out is (T, out), x is (T, in)."""
+        mask = self._sampling_masks.get(grad_out.dtype)
+        if mask is None:
+            zeros = torch.zeros(self.nnz, dtype=grad_out.dtype, device=grad_out.device)
+            mask = self._sampling_masks[grad_out.dtype] = self.delta(zeros)
+        return torch.sparse.sampled_addmm(mask, grad_out.t(), x, beta=0.0).values()
+
+    def to(self, device: torch.device) -> "SparsePattern":
+        """The same pattern on another device."""
+        moved = SparsePattern.__new__(SparsePattern)
+        moved.shape, moved.nnz, moved._index_dtype = self.shape, self.nnz, self._index_dtype
+        moved.crow, moved.col = self.crow.to(device), self.col.to(device)
+        moved._rows, moved._cols = self._rows.to(device), self._cols.to(device)
+        moved._transposed, moved._sampling_masks = None, {}
+        return moved
+
+
+class _SparseDeltaFunction(torch.autograd.Function):
+    """base_out + x·Δᵀ (or base_out unchanged when the delta is already folded into the base weight)."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, values, pattern: SparsePattern, add_delta: bool):
+        ctx.pattern, ctx.add_delta = pattern, add_delta
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.save_for_backward(x, values if add_delta else None)
+        if not add_delta:
+            return base_out.view_as(base_out)
+        compute_dtype = _compute_dtype(x.dtype)
+        x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        correction = torch.sparse.mm(pattern.delta(values.to(compute_dtype)), x2d.t())
+        return base_out + correction.t().reshape(base_out.shape).to(base_out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        compute_dtype = _compute_dtype(grad_out.dtype)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(compute_dtype)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[1] and ctx.add_delta:
+            delta_t = pattern.delta_transposed(values.to(compute_dtype))
+            grad_x = torch.sparse.mm(delta_t, g2d.t()).t().reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            grad_values = pattern.sampled_product(g2d, x2d)
+        grad_base = grad_out if ctx.needs_input_grad[0] else None
+        return grad_base, grad_x, grad_values, None, None
+
+
+def sparse_delta(
+    base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, add_delta: bool = True
+) -> torch.Tensor:
+    """Return `base_out + x·Δᵀ` with gradients for `values` only at the mask (and for `x` through Δ).
+
+    With `add_delta=False` the delta is assumed to be folded into the weight that produced `base_out`: the output is
+    `base_out` and only the values' gradient is added in backward.
+    """
+    if pattern.nnz == 0:
+        return base_out
+    return _SparseDeltaFunction.apply(base_out, x, values, pattern, add_delta)

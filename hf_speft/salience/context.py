@@ -1,0 +1,96 @@
+"""`SalienceContext`: what a salience measure gets to score the targeted weights."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import _get_in_out_features
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..layer import SparsePeftLayer
+
+
+def logical_weight(module: nn.Module) -> torch.Tensor:
+    """The (out_features, in_features) effective weight of a targeted module: base plus unmerged active deltas."""
+    if isinstance(module, SparsePeftLayer):
+        module._unfold()
+        base = module.get_base_layer()
+        weight = base.weight.detach()
+        weight = (weight.t() if module.fan_in_fan_out else weight).float()
+        if module.merged or module.disable_adapters:
+            return weight
+        deltas = [name for name in module.active_adapters if name in module.speft_values]
+        if not deltas:
+            return weight
+        weight = weight.clone(memory_format=torch.contiguous_format)
+        flat = weight.view(-1)
+        for name in deltas:
+            flat[module.speft_indices[name].long()] += module.speft_values[name].detach().float()
+        return weight
+    weight = module.weight.detach()
+    return (weight.t() if isinstance(module, Conv1D) else weight).float()
+
+
+@dataclass
+class SalienceContext:
+    """Inputs of a salience measure. `layers` maps module names to the targeted modules, in a fixed order."""
+
+    layers: dict[str, nn.Module]
+    model: Optional[nn.Module] = None
+    dataloader: Optional[Iterable[Any]] = None
+    num_batches: int = 64
+    dtype: torch.dtype = torch.float32
+    device: Optional[torch.device] = None
+    seed: int = 0
+    budget: Optional[int] = None
+    show_progress: bool = True
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Effective (out, in) weight of one target as float32 (a transient dense copy)."""
+        return logical_weight(self.layers[name])
+
+    def score_tensor(self, scores: torch.Tensor, like: nn.Module) -> torch.Tensor:
+        """`scores` in the configured score dtype, on the score device (default: the weight's device)."""
+        device = self.device if self.device is not None else _weight_device(like)
+        return scores.to(device=device, dtype=self.dtype)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with the configured seed."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def batches(self, desc: str = "salience") -> Iterator[Any]:
+        """`num_batches` batches from the dataloader, cycling it if it is shorter, with a progress bar."""
+        if self.dataloader is None:
+            raise ValueError("This salience measure needs data; pass a dataloader to calibrate/compute_salience.")
+        batches = itertools.islice(_cycle(self.dataloader), self.num_batches)
+        return iter(tqdm(batches, total=self.num_batches, desc=desc, disable=not self.show_progress))
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(out_features, in_features) of one target."""
+        in_features, out_features = _get_in_out_features(_base(self.layers[name]))
+        return out_features, in_features
+
+
+def _cycle(iterable: Iterable[Any]) -> Iterator[Any]:
+    """Iterate `iterable` again and again (a dataloader restarts each pass)."""
+    while True:
+        empty = True
+        for item in iterable:
+            empty = False
+            yield item
+        if empty:
+            raise ValueError("The salience dataloader yielded no batch.")
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, SparsePeftLayer) else module
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    return _base(module).weight.device
