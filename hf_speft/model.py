@@ -129,9 +129,24 @@ class SparsePeftModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Check every SPEFT tensor of the checkpoint against the model, then size the masks to fit it.
 
-        Nothing in the model changes unless the whole checkpoint is valid.
+        Nothing in the model changes unless the whole checkpoint is valid; an adapter that `load_adapter` added for
+        an invalid checkpoint is removed again, so the model is left as it was.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            checked = cls._validated_masks(model, adapter_name, remapped)
+        except CorruptAdapterError:
+            if isinstance(model, PeftModel) and len(model.peft_config) > 1:
+                model.delete_adapter(adapter_name)
+            raise
+        layers = sparse_layers(model, adapter_name)
+        for name, (indices, values) in checked.items():
+            layers[name].set_mask(adapter_name, indices, values=values)
+        return remapped
+
+    @classmethod
+    def _validated_masks(cls, model, adapter_name, remapped):
+        """(indices, values) per SPEFT layer of `adapter_name` from a remapped checkpoint, all checked."""
         layers = sparse_layers(model, adapter_name)
         prefix = "base_model.model."
         model_keys = {name.removeprefix(prefix) for name in layers}
@@ -156,9 +171,7 @@ class SparsePeftModel(BaseTuner):
                 f"The checkpoint holds SPEFT tensors for modules this model does not target: {stray[:5]}; it was "
                 "saved for a different base model or target_modules."
             )
-        for name, (indices, values) in checked.items():
-            layers[name].set_mask(adapter_name, indices, values=values)
-        return remapped
+        return checked
 
     @staticmethod
     def _validated_mask(name, layer, speft_indices, speft_values, speft_weight_shape):

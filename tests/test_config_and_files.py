@@ -1,0 +1,187 @@
+"""Every bad config field and every corrupted adapter file raises a clear, documented error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from hf_speft import CorruptAdapterError, SparsePeftConfig, sparse_layers
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one budget"),
+        ({"density": 0.1, "num_params": 5}, "exactly one budget"),
+        ({"density": 0.0}, "0 < density <= 1"),
+        ({"density": 1.5}, "0 < density <= 1"),
+        ({"density": True}, "0 < density <= 1"),
+        ({"num_params": 0}, "positive integer"),
+        ({"num_params": 2.5}, "positive integer"),
+        ({"match_lora_rank": -1}, "positive integer"),
+        ({"density": 0.1, "mask_scope": "per-layer"}, "mask_scope='per-layer'"),
+        ({"density": 0.1, "salience": "gradientt"}, "not a registered measure"),
+        ({"density": 0.1, "salience_batches": 0}, "salience_batches"),
+        ({"density": 0.1, "salience_dtype": "float16"}, "salience_dtype"),
+        ({"density": 0.1, "seed": "1"}, "seed"),
+        ({"density": 0.1, "target_modules": ".*proj", "layers_to_transform": [0]}, "layers_to_transform"),
+        ({"density": 0.1, "layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),
+    ],
+)
+def test_bad_config_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparsePeftConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"num_params": 10**9}, "hold only"), ({"density": 1e-9}, "selects no weight")],
+)
+def test_budget_that_does_not_fit_the_targets(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, salience="magnitude", **kwargs))
+
+
+def test_budget_arithmetic():
+    shapes = [(32, 32), (16, 32)]
+    assert SparsePeftConfig(density=0.25).total_budget(shapes) == round(0.25 * (1024 + 512))
+    assert SparsePeftConfig(num_params=77).total_budget(shapes) == 77
+    assert SparsePeftConfig(match_lora_rank=4).total_budget(shapes) == 4 * (64 + 48)
+
+
+def test_match_lora_rank_equals_lora_trainable_count():
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=TARGETS))
+    speft = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, match_lora_rank=4,
+                                                          salience="magnitude"))
+    assert speft.get_nb_trainable_parameters()[0] == lora.get_nb_trainable_parameters()[0]
+
+
+def test_unsupported_target_module():
+    with pytest.raises(TypeError, match="not supported by SPEFT"):
+        get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=["embed_tokens"], density=0.1,
+                                                      salience="magnitude"))
+
+
+def test_uncalibrated_adapter_refuses_training_and_saving(tmp_path):
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="gradient"))
+    ids = torch.randint(0, 64, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # inference of an uncalibrated adapter is the base model
+    model.train()
+    with pytest.raises(RuntimeError, match="hf_speft.calibrate"):
+        model(input_ids=ids, labels=ids)
+    with pytest.raises(RuntimeError, match="no mask yet"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="magnitude",
+                                                          init_weights=False))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def corrupt(path, mutate):
+    tensors = load_file(path / "adapter_model.safetensors")
+    mutate(tensors)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def first_key(tensors, suffix):
+    return sorted(k for k in tensors if k.endswith(suffix))[0]
+
+
+def _unsorted(t):
+    key = first_key(t, "speft_indices")
+    t[key] = t[key].flip(0).contiguous()
+
+
+def _repeated(t):
+    key = first_key(t, "speft_indices")
+    t[key] = t[key].clone()
+    t[key][1] = t[key][0]
+
+
+def _out_of_range(t):
+    key = first_key(t, "speft_indices")
+    t[key] = t[key].clone()
+    t[key][-1] = 10**6
+
+
+def _missing(t):
+    del t[first_key(t, "speft_values")]
+
+
+def _short_values(t):
+    key = first_key(t, "speft_values")
+    t[key] = t[key][:-1].contiguous()
+
+
+def _nan_values(t):
+    key = first_key(t, "speft_values")
+    t[key] = t[key].clone()
+    t[key][0] = float("nan")
+
+
+def _float_indices(t):
+    key = first_key(t, "speft_indices")
+    t[key] = t[key].float()
+
+
+def _wrong_shape(t):
+    t[first_key(t, "speft_weight_shape")] = torch.tensor([7, 7])
+
+
+def _stray_module(t):
+    key = first_key(t, "speft_values")
+    t[key.replace("layers.0", "layers.9")] = t[key].clone()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_unsorted, "not strictly increasing"),
+        (_repeated, "not strictly increasing"),
+        (_out_of_range, "out of range"),
+        (_missing, "has no speft_values"),
+        (_short_values, "values for"),
+        (_nan_values, "NaN"),
+        (_float_indices, "int32/int64"),
+        (_wrong_shape, "saved for a"),
+        (_stray_module, "does not target"),
+    ],
+)
+def test_corrupted_file_raises_and_leaves_model_untouched(saved_adapter, mutate, message):
+    corrupt(saved_adapter, mutate)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="magnitude"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CorruptAdapterError, match=message):
+        model.load_adapter(saved_adapter, adapter_name="loaded")
+    assert set(model.state_dict()) == set(before)
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert "loaded" not in model.peft_config
+    assert all("loaded" not in layer.speft_values for layer in sparse_layers(model).values())
+
+
+def test_adapter_on_a_different_base_model(saved_adapter):
+    config = json.loads((saved_adapter / "adapter_config.json").read_text())
+    config["target_modules"] = ["c_attn"]
+    (saved_adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CorruptAdapterError, match="different"):
+        PeftModel.from_pretrained(tiny_gpt2(), saved_adapter)

@@ -1,0 +1,86 @@
+"""The sparse-delta autograd function against a dense reference, gradcheck, and what it saves for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_speft.ops import SparsePattern, sparse_delta
+
+
+def random_problem(out_features=7, in_features=5, nnz=9, tokens=(3, 4), dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(out_features * in_features, generator=generator)[:nnz].sort().values
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
+    x = torch.randn(*tokens, in_features, generator=generator, dtype=dtype, requires_grad=True)
+    values = torch.randn(nnz, generator=generator, dtype=dtype, requires_grad=True)
+    return indices, weight, x, values
+
+
+def dense_reference(indices, weight, x, values):
+    delta = torch.zeros(weight.numel(), dtype=values.dtype).index_put((indices,), values).view_as(weight)
+    return x @ (weight + delta).t()
+
+
+def test_matches_dense_reference_forward_and_backward():
+    indices, weight, x, values = random_problem(out_features=13, in_features=11, nnz=30, tokens=(2, 6))
+    pattern = SparsePattern(indices, 13, 11)
+    grad_out = torch.randn(2, 6, 13, dtype=torch.float64)
+    out = sparse_delta(x @ weight.t(), x, values, pattern)
+    grads = torch.autograd.grad(out, (x, values), grad_out)
+    x_ref, values_ref = x.detach().requires_grad_(), values.detach().requires_grad_()
+    expected = dense_reference(indices, weight, x_ref, values_ref)
+    expected_grads = torch.autograd.grad(expected, (x_ref, values_ref), grad_out)
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_gradcheck():
+    indices, weight, x, values = random_problem()
+    pattern = SparsePattern(indices, 7, 5)
+    base_out = (x @ weight.t()).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda b, xx, v: sparse_delta(b, xx, v, pattern), (base_out, x, values))
+
+
+def test_folded_mode_adds_only_value_gradients():
+    indices, weight, x, values = random_problem(dtype=torch.float32)
+    pattern = SparsePattern(indices, 7, 5)
+    folded_weight = weight.reshape(-1).index_add(0, indices, values.detach()).view_as(weight)
+    out = sparse_delta(x @ folded_weight.t(), x, values, pattern, add_delta=False)
+    grad_out = torch.randn_like(out)
+    grad_x, grad_values = torch.autograd.grad(out, (x, values), grad_out)
+    x_ref, values_ref = x.detach().requires_grad_(), values.detach().requires_grad_()
+    ref_grads = torch.autograd.grad(dense_reference(indices, weight, x_ref, values_ref), (x_ref, values_ref), grad_out)
+    torch.testing.assert_close(grad_x, ref_grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_values, ref_grads[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_use_float32_kernels(dtype):
+    indices, weight, x, values = random_problem(out_features=16, in_features=8, nnz=20, dtype=torch.float32)
+    pattern = SparsePattern(indices, 16, 8)
+    x_half = x.detach().to(dtype).requires_grad_()
+    out = sparse_delta(x_half @ weight.to(dtype).t(), x_half, values, pattern)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert values.grad.dtype == torch.float32 and x_half.grad.dtype == dtype
+    expected = dense_reference(indices, weight, x.detach(), values.detach())
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_saves_only_the_input_for_backward():
+    """Nothing weight-sized is kept for backward: the only saved tensors are x and the values."""
+    indices, weight, x, values = random_problem(out_features=64, in_features=32, nnz=40, dtype=torch.float32)
+    pattern = SparsePattern(indices, 64, 32)
+    base_out = (x @ weight.t()).detach().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse_delta(base_out, x, values, pattern)
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), values.numel()])
+
+
+def test_empty_mask_is_identity():
+    pattern = SparsePattern(torch.zeros(0, dtype=torch.int64), 4, 3)
+    base_out = torch.randn(2, 4)
+    assert sparse_delta(base_out, torch.randn(2, 3), torch.zeros(0), pattern) is base_out
