@@ -9,7 +9,7 @@ from .config import SparsePeftConfig
 from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
 from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
-from .salience import SalienceContext, available_measures, register_salience
+from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
 
@@ -24,6 +24,8 @@ __all__ = [
     "SparsePeftLayer",
     "SparsePeftModel",
     "available_measures",
+    "calibrate",
+    "compute_salience",
     "register_salience",
     "select_mask",
     "sparse_layers",

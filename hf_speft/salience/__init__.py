@@ -60,6 +60,8 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
     from ..model import sparse_layers, speft_tuner
 
     tuner = speft_tuner(peft_model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
     return SalienceContext(
         layers=sparse_layers(tuner.model, adapter_name),
@@ -76,11 +78,85 @@ def compute_adapter_salience(
     peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None
 ) -> dict[str, torch.Tensor]:
     """Scores of the configured measure for every SPEFT layer of `adapter_name`, keyed like `sparse_layers`."""
+    from ..model import speft_tuner
+
     ctx = _adapter_context(peft_model, adapter_name, dataloader=dataloader)
-    return _run_measure(peft_model.peft_config[adapter_name].salience, ctx)
+    return _run_measure(speft_tuner(peft_model).peft_config[adapter_name].salience, ctx)
+
+
+def compute_salience(
+    model: nn.Module,
+    dataloader: Optional[Iterable[Any]] = None,
+    measure: str = "gradient",
+    num_batches: int = 64,
+    *,
+    target_modules: Optional[list[str] | str] = None,
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float32,
+    device: Optional[str | torch.device] = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Score every targeted weight: module name -> (out_features, in_features) scores.
+
+    `model` is a `PeftModel` with a SPEFT adapter (its layers are scored, the current delta included in W) or a
+    base model together with `target_modules` (matched like peft's `target_modules`). `dataloader` yields batches
+    the model accepts, with labels; it is cycled when shorter than `num_batches`.
+    """
+    from ..model import SUPPORTED_LAYERS, sparse_layers, speft_tuner
+
+    if target_modules is None:
+        layers = sparse_layers(speft_tuner(model).model, adapter_name)
+    else:
+        matcher = _TargetMatcher(target_modules)
+        layers = {name: module for name, module in model.named_modules()
+                  if isinstance(module, SUPPORTED_LAYERS) and matcher(name)}
+    ctx = SalienceContext(layers=layers, model=model, dataloader=dataloader, num_batches=num_batches, dtype=dtype,
+                          device=torch.device(device) if device is not None else None, seed=seed,
+                          show_progress=show_progress)
+    return _run_measure(measure, ctx)
+
+
+class _TargetMatcher:
+    """peft's target-module matching for a base model that has no adapter yet."""
+
+    def __init__(self, target_modules: list[str] | str) -> None:
+        from ..config import SparsePeftConfig
+
+        self.config = SparsePeftConfig(target_modules=target_modules, density=1.0, salience="magnitude")
+
+    def __call__(self, name: str) -> bool:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        return bool(check_target_module_exists(self.config, name))
+
+
+def calibrate(
+    peft_model: nn.Module, dataloader: Optional[Iterable[Any]] = None, adapter_name: Optional[str] = None
+) -> dict[str, int]:
+    """Compute the adapter's configured salience, build its masks and fill the layers; returns nnz per module.
+
+    Logs the salience time and the density of every layer.
+    """
+    from ..model import speft_tuner
+
+    tuner = speft_tuner(peft_model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    start = time.perf_counter()
+    scores = compute_adapter_salience(peft_model, adapter_name, dataloader)
+    counts = tuner.set_masks(adapter_name, scores)
+    layers = {name: layer for name, layer in tuner.model.named_modules() if name in counts}
+    logger.info("calibrated adapter %r in %.2fs (%d trainable weights)", adapter_name, time.perf_counter() - start,
+                sum(counts.values()))
+    for name, count in counts.items():
+        layer = layers[name]
+        logger.info("  %s: density %.5f (%d)", name, count / (layer.out_features * layer.in_features), count)
+    return counts
 
 
 __all__ = [
+    "calibrate",
+    "compute_salience",
     "SalienceContext",
     "available_measures",
     "compute_adapter_salience",

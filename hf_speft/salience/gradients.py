@@ -56,17 +56,28 @@ def _captured_gradients(
             handle.remove()
 
 
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode with every parameter frozen, so backward creates no `.grad`; both restored afterwards."""
+    was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        model.train(was_training)
+
+
 def _run_backward_passes(ctx: SalienceContext, on_gradient, desc: str) -> None:
     if ctx.model is None:
         raise ValueError("Data-dependent salience needs the model; pass it to compute_salience/calibrate.")
-    was_training = ctx.model.training
-    ctx.model.eval()
-    try:
-        with torch.enable_grad(), _captured_gradients(ctx, on_gradient):
-            for batch in ctx.batches(desc):
-                batch_loss(ctx.model, batch).backward()
-    finally:
-        ctx.model.train(was_training)
+    with _frozen_eval(ctx.model), torch.enable_grad(), _captured_gradients(ctx, on_gradient):
+        for batch in ctx.batches(desc):
+            batch_loss(ctx.model, batch).backward()
 
 
 def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:

@@ -1,0 +1,189 @@
+"""Salience measures against brute-force references computed with plain autograd, and `calibrate`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import get_peft_model
+
+import hf_speft
+from hf_speft import SparsePeftConfig, calibrate, compute_salience, register_salience, sparse_layers
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def batches(num=3, batch=2, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num):
+        ids = torch.randint(0, 64, (batch, length), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def base_model():
+    torch.manual_seed(0)
+    return tiny_llama().eval()
+
+
+def target_weights(model):
+    return {name: module.weight for name, module in model.named_modules()
+            if any(name.endswith(t) for t in TARGETS)}
+
+
+def dense_mean_gradient(data):
+    model = base_model()
+    weights = target_weights(model)
+    for w in weights.values():
+        w.requires_grad_(True)
+    grads = {name: torch.zeros_like(w) for name, w in weights.items()}
+    for batch in data:
+        loss = model(**batch).loss
+        for (name, g) in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            grads[name] += g / len(data)
+    return {name: w.detach() for name, w in weights.items()}, grads
+
+
+def dense_fisher(data):
+    model = base_model()
+    weights = target_weights(model)
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+    count = 0
+    for batch in data:
+        for i in range(batch["input_ids"].shape[0]):
+            sample = {k: v[i:i + 1] for k, v in batch.items()}
+            for (name, g) in zip(weights, torch.autograd.grad(model(**sample).loss, list(weights.values()))):
+                sums[name] += g.square()
+            count += 1
+    return {name: s / count for name, s in sums.items()}
+
+
+REFERENCES = {
+    "gradient": lambda w, g: g.abs(),
+    "snip": lambda w, g: (w * g).abs(),
+    "taylor": lambda w, g: (w * g).square(),
+    "skeleton": lambda w, g: -(w * g),
+    "magnitude": lambda w, g: w.abs(),
+}
+
+
+@pytest.mark.parametrize("measure", sorted(REFERENCES))
+def test_measure_matches_brute_force(measure):
+    data = batches()
+    weights, grads = dense_mean_gradient(data)
+    model = base_model()
+    flags = [p.requires_grad for p in model.parameters()]
+    scores = compute_salience(model, data, measure=measure, num_batches=3, target_modules=TARGETS,
+                              show_progress=False)
+    assert set(scores) == set(weights)
+    for name in weights:
+        expected = REFERENCES[measure](weights[name], grads[name])
+        torch.testing.assert_close(scores[name], expected, atol=1e-7, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_fisher_matches_per_sample_loop():
+    data = batches()
+    expected = dense_fisher(data)
+    scores = compute_salience(base_model(), data, measure="fisher", num_batches=3, target_modules=TARGETS,
+                              show_progress=False)
+    for name, value in expected.items():
+        torch.testing.assert_close(scores[name], value, atol=1e-9, rtol=1e-4)
+
+
+def test_dataloader_is_cycled_and_scores_offloaded_in_bfloat16():
+    data = batches(num=2)
+    twice = compute_salience(base_model(), data + data, measure="gradient", num_batches=4, target_modules=TARGETS,
+                             show_progress=False)
+    cycled = compute_salience(base_model(), data, measure="gradient", num_batches=4, target_modules=TARGETS,
+                              dtype=torch.bfloat16, device="cpu", show_progress=False)
+    for name in twice:
+        assert cycled[name].dtype == torch.bfloat16
+        torch.testing.assert_close(cycled[name].float(), twice[name], atol=1e-3, rtol=1e-2)
+
+
+def speft_model(**kwargs):
+    config = dict(target_modules=TARGETS, density=0.05, salience="gradient", salience_batches=3)
+    config.update(kwargs)
+    return get_peft_model(base_model(), SparsePeftConfig(**config))
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_calibrate_builds_exact_deterministic_masks(scope):
+    first, second = speft_model(mask_scope=scope), speft_model(mask_scope=scope)
+    counts = calibrate(first, batches())
+    calibrate(second, batches())
+    total = sum(layer.out_features * layer.in_features for layer in sparse_layers(first).values())
+    assert sum(counts.values()) == round(0.05 * total)
+    for name, layer in sparse_layers(first).items():
+        assert torch.equal(layer.speft_indices["default"], sparse_layers(second)[name].speft_indices["default"])
+    weights, grads = dense_mean_gradient(batches())
+    all_scores = torch.cat([g.abs().reshape(-1) for g in grads.values()])
+    if scope == "global":
+        threshold = all_scores.topk(sum(counts.values())).values.min()
+        for name, layer in sparse_layers(first).items():
+            key = name.removeprefix("base_model.model.")
+            selected = grads[key].abs().reshape(-1)[layer.speft_indices["default"].long()]
+            assert (selected >= threshold * (1 - 1e-5)).all()
+    first.train()
+    first(**batches()[0]).loss.backward()  # calibrated adapters train
+
+
+def test_calibrate_includes_the_current_delta():
+    model = speft_model(salience="magnitude", init_weights=False)
+    name, layer = next(iter(sparse_layers(model.base_model.model).items()))
+    scores = hf_speft.salience.compute_adapter_salience(model, "default")
+    expected = layer.get_base_layer().weight.detach().clone().reshape(-1)
+    expected[layer.speft_indices["default"].long()] += layer.speft_values["default"].detach()
+    torch.testing.assert_close(scores[name].reshape(-1), expected.abs())
+
+
+def test_calibrate_errors_are_clear():
+    model = speft_model()
+    unlabeled = [{"input_ids": b["input_ids"]} for b in batches()]
+    with pytest.raises(ValueError, match="labels"):
+        calibrate(model, unlabeled)
+    with pytest.raises(ValueError, match="needs data"):
+        calibrate(model, None)
+    with pytest.raises(ValueError, match="no batch"):
+        calibrate(model, [])
+    with pytest.raises(TypeError, match="SPEFT adapter"):
+        calibrate(base_model(), batches())
+    with pytest.raises(ValueError, match="No targeted module"):
+        compute_salience(base_model(), batches(), target_modules=["not_a_module"], show_progress=False)
+
+
+def test_register_custom_measure():
+    def row_index(ctx):
+        return {name: torch.arange(ctx.shape(name)[0]).float()[:, None].expand(ctx.shape(name)).clone()
+                for name in ctx.layers}
+
+    register_salience("row_index", row_index, data_free=True, overwrite=True)
+    model = speft_model(salience="row_index", num_params=10, density=None, mask_scope="local")
+    assert "row_index" in hf_speft.available_measures()
+    for layer in sparse_layers(model).values():
+        rows = layer.speft_indices["default"].long() // layer.in_features
+        assert (rows >= layer.out_features - 2).all()  # the highest rows win
+    with pytest.raises(ValueError, match="already registered"):
+        register_salience("row_index", row_index)
+    register_salience("bad_shape", lambda ctx: {n: torch.zeros(2) for n in ctx.layers}, data_free=True,
+                      overwrite=True)
+    with pytest.raises(ValueError, match="returned shape"):
+        speft_model(salience="bad_shape")
+
+
+def test_calibration_leaves_model_untouched_and_in_its_mode():
+    model = speft_model()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    calibrate(model, batches())
+    assert model.training
+    for key, value in model.state_dict().items():
+        if "speft_" not in key:
+            assert torch.equal(value, before[key]), key
