@@ -214,3 +214,14 @@ def test_deepcopy_keeps_masks(model_name):
     clone = copy.deepcopy(model)
     batch = inputs_for(model_name)
     torch.testing.assert_close(logits(clone, batch), logits(model, batch))
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", None])
+def test_all_linear_and_architecture_default_targets(target_modules):
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=target_modules, density=0.05,
+                                                          salience="magnitude"))
+    names = {name.rsplit(".", 1)[-1] for name in sparse_layers(model)}
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert names == (expected if target_modules == "all-linear" else {"q_proj", "v_proj"})

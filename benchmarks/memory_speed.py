@@ -1,0 +1,239 @@
+"""Training step time and memory of SPEFT vs LoRA, sparse peers, a dense-masked simulation and full fine-tuning.
+
+Each method trains a tiny Llama (hidden 1024, 4 layers, vocab 8192, batch 4x256, all 7 projection types targeted) in a
+fresh subprocess; rounds are interleaved and every figure is also given as a ratio to LoRA from the same run.
+
+    python benchmarks/memory_speed.py                  # 3 rounds, JSON lines to benchmarks/results/memory_speed.jsonl
+    python benchmarks/memory_speed.py --rounds 1 --steps 3 --methods lora speft   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_fold"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 8
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """Samples the resident set size in a thread; `peak` is the largest value seen."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _build(method: str, args):
+    import torch
+    from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_speft
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                         max_position_embeddings=args.seq_len)
+    model = LlamaForCausalLM(config)
+    targeted = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
+    lora_count = sum(RANK * (m.in_features + m.out_features) for m in targeted)
+    targeted_numel = sum(m.weight.numel() for m in targeted)
+    if method == "full":
+        return model
+    if method == "lora":
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
+    if method == "shira":
+        return get_peft_model(model, ShiraConfig(r=RANK, target_modules=TARGETS))
+    if method == "supertuning":
+        return get_peft_model(model, SupertuningConfig(sparsity=1 - lora_count / targeted_numel,
+                                                       target_modules=TARGETS))
+    if method == "dense_sim":
+        return _dense_masked_simulation(model, targeted, lora_count / targeted_numel)
+    config = hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK, salience="magnitude",
+                                       fold_weights=method == "speft_fold")
+    return get_peft_model(model, config)
+
+
+def _dense_masked_simulation(model, targeted, density):
+    """What the paper's code does: a full-size delta per weight whose gradient is multiplied by a 0/1 mask."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    class MaskedDelta(torch.nn.Module):
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.delta = torch.nn.Parameter(torch.zeros_like(weight))
+            k = max(1, round(density * weight.numel()))
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[weight.abs().reshape(-1).topk(k).indices] = True
+            self.register_buffer("mask", mask.view_as(weight))
+            self.delta.register_hook(lambda grad: grad * self.mask)
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight + self.delta
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in targeted:
+        parametrize.register_parametrization(module, "weight", MaskedDelta(module.weight.detach()))
+        module.parametrizations.weight.original.requires_grad_(False)
+    return model
+
+
+def _saved_for_backward_bytes(model, batch) -> int:
+    """Bytes autograd keeps for backward in one forward, storages deduplicated, parameters and buffers excluded."""
+    import torch
+
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.layout == torch.sparse_coo:  # SHiRA saves a COO delta: count its index and value storages
+            parts = [tensor._indices(), tensor._values()]
+        elif tensor.layout != torch.strided:
+            raise NotImplementedError(f"saved tensor of layout {tensor.layout}")
+        else:
+            parts = [tensor]
+        for part in parts:
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in owned:
+                storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def worker(method: str, args) -> dict:
+    """Train `args.steps` steps of one method and measure it (runs in its own process)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = _build(method, args)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    saved_bytes = _saved_for_backward_bytes(model, batch)
+    rss_before = _rss_bytes()
+    times = []
+    with _PeakRss() as rss:
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+    optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                          for t in state.values() if torch.is_tensor(t))
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            model(input_ids=ids)
+        inference = (time.perf_counter() - start) / args.steps
+    return {
+        "method": method,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_time_s": statistics.median(times),
+        "inference_time_s": inference,
+        "peak_extra_rss_bytes": rss.peak - rss_before,
+        "optimizer_state_bytes": optimizer_bytes,
+        "saved_for_backward_bytes": saved_bytes,
+    }
+
+
+RATIO_FIELDS = ["step_time_s", "inference_time_s", "peak_extra_rss_bytes", "optimizer_state_bytes",
+                "saved_for_backward_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory_speed.jsonl"))
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    if "lora" not in args.methods:
+        parser.error("--methods must include lora: every ratio is relative to LoRA in the same run")
+
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "hidden", "layers", "batch", "seq_len")]
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(args.rounds):
+        results = {}
+        for method in args.methods:
+            out = subprocess.run([sys.executable, __file__, "--worker", method, *passthrough],
+                                 capture_output=True, text=True, check=True)
+            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"round {round_index + 1}: {method:12s} step {results[method]['step_time_s']:.3f}s", flush=True)
+        for result in results.values():
+            for field in RATIO_FIELDS:
+                result[f"{field}/lora"] = result[field] / results["lora"][field] if results["lora"][field] else None
+        rounds.append(results)
+
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        for round_index, results in enumerate(rounds):
+            for result in results.values():
+                f.write(json.dumps({"round": round_index + 1, **result, "config": vars(args)}) + "\n")
+    print(f"\nmedian over {args.rounds} interleaved rounds (ratios to LoRA in the same round):")
+    print("| method | trainable | step s | ÷LoRA | inference ÷LoRA | peak extra RSS ÷LoRA | optimizer ÷LoRA | "
+          "saved-for-backward ÷LoRA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in args.methods:
+        runs = [r[method] for r in rounds]
+
+        def med(key):
+            values = [run[key] for run in runs if run[key] is not None]
+            return statistics.median(values) if values else float("nan")
+
+        print(f"| {method} | {runs[0]['trainable_params']:,} | {med('step_time_s'):.3f} | "
+              f"{med('step_time_s/lora'):.2f} | {med('inference_time_s/lora'):.2f} | "
+              f"{med('peak_extra_rss_bytes/lora'):.2f} | {med('optimizer_state_bytes/lora'):.2f} | "
+              f"{med('saved_for_backward_bytes/lora'):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
