@@ -66,15 +66,6 @@ class SparsePattern:
             mask = self._sampling_masks[grad_out.dtype] = self.delta(zeros)
         return torch.sparse.sampled_addmm(mask, grad_out.t(), x, beta=0.0).values()
 
-    def to(self, device: torch.device) -> "SparsePattern":
-        """The same pattern on another device."""
-        moved = SparsePattern.__new__(SparsePattern)
-        moved.shape, moved.nnz, moved._index_dtype = self.shape, self.nnz, self._index_dtype
-        moved.crow, moved.col = self.crow.to(device), self.col.to(device)
-        moved._rows, moved._cols = self._rows.to(device), self._cols.to(device)
-        moved._transposed, moved._sampling_masks = None, {}
-        return moved
-
 
 class _SparseDeltaFunction(torch.autograd.Function):
     """base_out + x·Δᵀ (or base_out unchanged when the delta is already folded into the base weight)."""

@@ -34,11 +34,16 @@ def target_weights(model):
             if any(name.endswith(t) for t in TARGETS)}
 
 
-def dense_mean_gradient(data):
+def model_with_trainable_targets():
     model = base_model()
     weights = target_weights(model)
     for w in weights.values():
         w.requires_grad_(True)
+    return model, weights
+
+
+def dense_mean_gradient(data):
+    model, weights = model_with_trainable_targets()
     grads = {name: torch.zeros_like(w) for name, w in weights.items()}
     for batch in data:
         loss = model(**batch).loss
@@ -48,10 +53,7 @@ def dense_mean_gradient(data):
 
 
 def dense_fisher(data):
-    model = base_model()
-    weights = target_weights(model)
-    for w in weights.values():
-        w.requires_grad_(True)
+    model, weights = model_with_trainable_targets()
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     count = 0
     for batch in data:
