@@ -56,14 +56,15 @@ def _run_measure(measure: str, ctx: SalienceContext) -> dict[str, torch.Tensor]:
     return scores
 
 
-def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) -> SalienceContext:
+def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) -> tuple[SalienceContext, str]:
+    """The salience context of one SPEFT adapter and the name of its configured measure."""
     from ..model import sparse_layers, speft_tuner
 
     tuner = speft_tuner(peft_model)
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
-    return SalienceContext(
+    ctx = SalienceContext(
         layers=sparse_layers(tuner.model, adapter_name),
         model=peft_model,
         num_batches=config.salience_batches,
@@ -72,16 +73,15 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
         seed=config.seed,
         **kwargs,
     )
+    return ctx, config.salience
 
 
 def compute_adapter_salience(
     peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None
 ) -> dict[str, torch.Tensor]:
     """Scores of the configured measure for every SPEFT layer of `adapter_name`, keyed like `sparse_layers`."""
-    from ..model import speft_tuner
-
-    ctx = _adapter_context(peft_model, adapter_name, dataloader=dataloader)
-    return _run_measure(speft_tuner(peft_model).peft_config[adapter_name].salience, ctx)
+    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader)
+    return _run_measure(measure, ctx)
 
 
 def compute_salience(
@@ -103,32 +103,28 @@ def compute_salience(
     base model together with `target_modules` (matched like peft's `target_modules`). `dataloader` yields batches
     the model accepts, with labels; it is cycled when shorter than `num_batches`.
     """
-    from ..model import SUPPORTED_LAYERS, sparse_layers, speft_tuner
+    from ..model import sparse_layers, speft_tuner
 
     if target_modules is None:
         layers = sparse_layers(speft_tuner(model).model, adapter_name)
     else:
-        matcher = _TargetMatcher(target_modules)
-        layers = {name: module for name, module in model.named_modules()
-                  if isinstance(module, SUPPORTED_LAYERS) and matcher(name)}
+        layers = _matched_targets(model, target_modules)
     ctx = SalienceContext(layers=layers, model=model, dataloader=dataloader, num_batches=num_batches, dtype=dtype,
                           device=torch.device(device) if device is not None else None, seed=seed,
                           show_progress=show_progress)
     return _run_measure(measure, ctx)
 
 
-class _TargetMatcher:
-    """peft's target-module matching for a base model that has no adapter yet."""
+def _matched_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Module]:
+    """Supported layers of a base model that peft's target-module matching selects."""
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    def __init__(self, target_modules: list[str] | str) -> None:
-        from ..config import SparsePeftConfig
+    from ..config import SparsePeftConfig
+    from ..model import SUPPORTED_LAYERS
 
-        self.config = SparsePeftConfig(target_modules=target_modules, density=1.0, salience="magnitude")
-
-    def __call__(self, name: str) -> bool:
-        from peft.tuners.tuners_utils import check_target_module_exists
-
-        return bool(check_target_module_exists(self.config, name))
+    config = SparsePeftConfig(target_modules=target_modules, density=1.0, salience="magnitude")
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, SUPPORTED_LAYERS) and check_target_module_exists(config, name)}
 
 
 def calibrate(
@@ -138,14 +134,14 @@ def calibrate(
 
     Logs the salience time and the density of every layer.
     """
-    from ..model import speft_tuner
+    from ..model import sparse_layers, speft_tuner
 
     tuner = speft_tuner(peft_model)
     adapter_name = adapter_name or tuner.active_adapters[0]
     start = time.perf_counter()
     scores = compute_adapter_salience(peft_model, adapter_name, dataloader)
     counts = tuner.set_masks(adapter_name, scores)
-    layers = {name: layer for name, layer in tuner.model.named_modules() if name in counts}
+    layers = sparse_layers(tuner.model, adapter_name)
     logger.info("calibrated adapter %r in %.2fs (%d trainable weights)", adapter_name, time.perf_counter() - start,
                 sum(counts.values()))
     for name, count in counts.items():
