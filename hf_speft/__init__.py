@@ -13,16 +13,39 @@ from .salience import SalienceContext, available_measures, calibrate, compute_sa
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
 
+# The training classes import transformers' Trainer (and trl); they load on first access.
+_LAZY = {
+    "MaskUpdater": "trainer",
+    "SpeftCallback": "trainer",
+    "SpeftTrainer": "trainer",
+    "SpeftTrainerMixin": "trainer",
+    "SpeftSFTTrainer": "integrations.trl",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "SPEFT_PEFT_TYPE",
     "CorruptAdapterError",
     "Linear",
+    "MaskUpdater",
     "SalienceContext",
     "SparsePeftConfig",
     "SparsePeftLayer",
     "SparsePeftModel",
+    "SpeftCallback",
+    "SpeftSFTTrainer",
+    "SpeftTrainer",
+    "SpeftTrainerMixin",
     "available_measures",
     "calibrate",
     "compute_salience",

@@ -12,6 +12,8 @@ from .salience.registry import available_measures
 
 MASK_SCOPES = ("global", "local")
 SALIENCE_DTYPES = ("float32", "bfloat16")
+MASK_UPDATES = ("static", "dynamic")
+OPTIMIZER_RESETS = ("new", "all")
 
 
 @dataclass
@@ -38,6 +40,12 @@ class SparsePeftConfig(PeftConfig):
         init_weights: True starts from a zero delta (model output unchanged); False draws a random nonzero delta
             (for tests, as peft tuners do).
         seed: Seed of the random measure and of `init_weights=False`.
+        mask_update: `"static"` (the paper's default and winner) computes the mask once; `"dynamic"` recomputes
+            salience every `update_interval` optimizer steps and moves each layer's entries to its new top ones (each
+            layer keeps its count), leaving the model's function unchanged (see `SpeftTrainer`).
+        update_interval: Optimizer steps between dynamic mask updates.
+        reset_optimizer: On a dynamic update, `"new"` zeroes the optimizer state of entries new to the mask and keeps
+            it for entries that stay; `"all"` resets every entry's state (as in the paper).
         fold_weights: Opt-in speed mode: while training, keep the delta written into the frozen base weight (the
             original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
             restored for saving, `disable_adapter`, adapter switches and merges. Refused for quantized or sharded
@@ -84,6 +92,13 @@ class SparsePeftConfig(PeftConfig):
         default=True, metadata={"help": "True: zero delta at start; False: random nonzero delta (for tests)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random measure and of init_weights=False."})
+    mask_update: Literal["static", "dynamic"] = field(
+        default="static", metadata={"help": "'static': one mask; 'dynamic': recompute every update_interval steps."}
+    )
+    update_interval: int = field(default=100, metadata={"help": "Optimizer steps between dynamic mask updates."})
+    reset_optimizer: Literal["new", "all"] = field(
+        default="new", metadata={"help": "Dynamic updates reset optimizer state of 'new' entries only, or of 'all'."}
+    )
     fold_weights: bool = field(
         default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training."}
     )
@@ -113,6 +128,14 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"salience_batches={self.salience_batches!r} must be a positive integer.")
         if self.salience_dtype not in SALIENCE_DTYPES:
             raise ValueError(f"salience_dtype={self.salience_dtype!r} is not allowed; use one of {SALIENCE_DTYPES}.")
+        if self.mask_update not in MASK_UPDATES:
+            raise ValueError(f"mask_update={self.mask_update!r} is not allowed; use one of {MASK_UPDATES}.")
+        if not isinstance(self.update_interval, int) or isinstance(self.update_interval, bool) or (
+            self.update_interval < 1
+        ):
+            raise ValueError(f"update_interval={self.update_interval!r} must be a positive integer (optimizer steps).")
+        if self.reset_optimizer not in OPTIMIZER_RESETS:
+            raise ValueError(f"reset_optimizer={self.reset_optimizer!r} is not allowed; use one of {OPTIMIZER_RESETS}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
 

@@ -2,7 +2,9 @@
 
 Per adapter the layer holds `speft_indices` (sorted flat positions in the logical (out_features, in_features)
 weight, int32 when they fit), `speft_values` (the trainable deltas, one per index) and `speft_weight_shape` (saved so
-loading can check the base model). Forward order follows peft's tuners: disabled -> merged -> sparse path.
+loading can check the base model). After dynamic mask updates, the deltas of entries that left the mask live on as a
+frozen residual (`speft_residual_indices` / `speft_residual_values`, disjoint from the mask), so the adapter always
+holds the whole fine-tune. Forward order follows peft's tuners: disabled -> merged -> sparse path.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
     )
 
 
+def _positions_in(sorted_reference: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """For each entry of `query`, its position in the sorted, unique `sorted_reference`, or -1 if absent."""
+    if sorted_reference.numel() == 0:
+        return torch.full_like(query, -1, dtype=torch.int64)
+    positions = torch.searchsorted(sorted_reference, query).clamp_(max=sorted_reference.numel() - 1)
+    return torch.where(sorted_reference[positions] == query, positions, -1)
+
+
 def _unfold_hook(module: "SparsePeftLayer", *args: Any) -> None:
     """State-dict (load) pre-hook: the base weight is read or written only in its original, unfolded state."""
     module._unfold()
@@ -57,6 +67,7 @@ class _FoldedDelta:
     """An adapter whose delta is currently written into the base weight, and the entries it replaced."""
 
     adapter: str
+    positions: torch.Tensor
     original: torch.Tensor
     values_version: tuple[int, int]
 
@@ -65,13 +76,15 @@ class SparsePeftLayer(BaseTunerLayer):
     """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
 
     adapter_layer_names = ("speft_values",)
-    other_param_names = ("speft_indices", "speft_weight_shape")
+    other_param_names = ("speft_indices", "speft_weight_shape", "speft_residual_indices", "speft_residual_values")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.speft_values = nn.ParameterDict({})
         self.speft_indices = BufferDict({}, persistent=True)
         self.speft_weight_shape = BufferDict({}, persistent=True)
+        self.speft_residual_indices = BufferDict({}, persistent=True)
+        self.speft_residual_values = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
@@ -79,8 +92,8 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_salience: dict[str, str] = {}
         self.speft_fold_weights: dict[str, bool] = {}
         self.speft_uncalibrated: set[str] = set()
-        self._patterns: dict[str, SparsePattern] = {}
-        self._merge_originals: dict[str, torch.Tensor] = {}
+        self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
+        self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._folded: Optional[_FoldedDelta] = None
 
     # ----------------------------------------------------------------- adapter state
@@ -107,18 +120,15 @@ class SparsePeftLayer(BaseTunerLayer):
         values: Optional[torch.Tensor] = None,
         init_weights: bool = True,
         generator: Optional[torch.Generator] = None,
+        residual: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """Give `adapter_name` the sorted, unique flat `indices` and their `values` (zeros, or random if not
-        `init_weights`). The adapter must not be merged."""
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"Unmerge the adapter {adapter_name!r} before changing its mask.")
+        `init_weights`), and the frozen `residual` (indices, values) of earlier masks (default: none). The adapter must
+        not be merged. The `speft_values` parameter object is kept, so optimizers built before calibration see it."""
+        self._check_unmerged(adapter_name)
         numel = self.out_features * self.in_features
         indices = indices.detach().reshape(-1)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= numel or (indices.diff() <= 0).any()):
-            raise ValueError(
-                f"Mask indices for adapter {adapter_name!r} must be sorted, unique and in [0, {numel}) for a "
-                f"{self.out_features}x{self.in_features} weight."
-            )
+        self._check_indices(adapter_name, indices)
         if values is not None and values.shape != indices.shape:
             raise ValueError(f"Got {values.numel()} values for {indices.numel()} mask indices of {adapter_name!r}.")
         self._unfold()
@@ -129,22 +139,81 @@ class SparsePeftLayer(BaseTunerLayer):
             if not init_weights:
                 std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
                 values = torch.randn(indices.numel(), generator=generator) * (std if math.isfinite(std) else 1.0)
-        previous = self.speft_values[adapter_name] if adapter_name in self.speft_values else None
-        dtype = previous.dtype if previous is not None else values.dtype
-        requires_grad = previous.requires_grad if previous is not None else True
         self.speft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
-        self.speft_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=device, dtype=dtype), requires_grad=requires_grad
-        )
+        if adapter_name in self.speft_values:  # keep the Parameter object: an optimizer may already hold it
+            previous = self.speft_values[adapter_name]
+            previous.data = values.detach().to(device=device, dtype=previous.dtype)
+        else:
+            self.speft_values[adapter_name] = nn.Parameter(values.detach().to(device=device))
+        self._set_residual(adapter_name, *(residual if residual is not None else (indices[:0], values[:0])))
         self._patterns.pop(adapter_name, None)
         self.speft_uncalibrated.discard(adapter_name)
 
-    def pattern(self, adapter_name: str) -> SparsePattern:
-        """The CSR structures of an adapter's mask (cached until the mask changes)."""
-        indices = self.speft_indices[adapter_name]
-        cached = self._patterns.get(adapter_name)
+    def update_mask(self, adapter_name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Move the trainable entries to new `indices` (same count) without changing the layer's function.
+
+        Entries that stay keep their value; entries that leave join the frozen residual (exact zeros are dropped);
+        new entries take their residual value, or zero. The `speft_values` parameter object is kept (optimizers and
+        DDP hold it), only its contents move. Returns, for each new entry, its position in the old mask or -1.
+        """
+        self._check_unmerged(adapter_name)
+        old_indices = self.speft_indices[adapter_name].to(torch.int64)
+        indices = indices.detach().reshape(-1).to(device=old_indices.device, dtype=torch.int64)
+        self._check_indices(adapter_name, indices)
+        if indices.numel() != old_indices.numel():
+            raise ValueError(
+                f"A mask update keeps the count of {adapter_name!r} ({old_indices.numel()}); got {indices.numel()}."
+            )
+        self._unfold()
+        values = self.speft_values[adapter_name]
+        all_indices, all_values = self.delta_entries(adapter_name)
+        order = torch.argsort(all_indices)
+        all_indices, all_values = all_indices[order], all_values[order]
+        in_new = _positions_in(indices, all_indices) >= 0
+        found = _positions_in(all_indices, indices)
+        new_values = torch.zeros_like(values.data)
+        new_values[found >= 0] = all_values[found[found >= 0]].to(values.dtype)
+        leaving = ~in_new & (all_values != 0)
+        kept_from = _positions_in(old_indices, indices)
+        with torch.no_grad():
+            values.copy_(new_values)
+        self.speft_indices[adapter_name] = indices.to(index_dtype_for(self.out_features * self.in_features))
+        self._set_residual(adapter_name, all_indices[leaving], all_values[leaving])
+        self._patterns.pop(adapter_name, None)
+        return kept_from
+
+    def _set_residual(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        if indices.numel() == 0:
+            if adapter_name in self.speft_residual_indices:
+                del self.speft_residual_indices[adapter_name], self.speft_residual_values[adapter_name]
+            self._patterns.pop(("residual", adapter_name), None)
+            return
+        device = self.speft_indices[adapter_name].device
+        numel = self.out_features * self.in_features
+        self.speft_residual_indices[adapter_name] = indices.detach().to(device=device, dtype=index_dtype_for(numel))
+        dtype = self.speft_values[adapter_name].dtype
+        self.speft_residual_values[adapter_name] = values.detach().to(device=device, dtype=dtype)
+        self._patterns.pop(("residual", adapter_name), None)
+
+    def _check_unmerged(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Unmerge the adapter {adapter_name!r} before changing its mask.")
+
+    def _check_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
+        numel = self.out_features * self.in_features
+        if indices.numel() and (indices.min() < 0 or indices.max() >= numel or (indices.diff() <= 0).any()):
+            raise ValueError(
+                f"Mask indices for adapter {adapter_name!r} must be sorted, unique and in [0, {numel}) for a "
+                f"{self.out_features}x{self.in_features} weight."
+            )
+
+    def pattern(self, adapter_name: str, residual: bool = False) -> SparsePattern:
+        """The CSR structures of an adapter's mask, or of its frozen residual (cached until they change)."""
+        indices = (self.speft_residual_indices if residual else self.speft_indices)[adapter_name]
+        key = ("residual", adapter_name) if residual else adapter_name
+        cached = self._patterns.get(key)
         if cached is None or cached.crow.device != indices.device:
-            cached = self._patterns[adapter_name] = SparsePattern(indices, self.out_features, self.in_features)
+            cached = self._patterns[key] = SparsePattern(indices, self.out_features, self.in_features)
         return cached
 
     def check_calibrated(self, adapter_name: str) -> None:
@@ -160,6 +229,7 @@ class SparsePeftLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         for state in (self.speft_salience, self.speft_fold_weights, self._patterns, self._merge_originals):
             state.pop(adapter_name, None)
+        self._patterns.pop(("residual", adapter_name), None)
         self.speft_uncalibrated.discard(adapter_name)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
@@ -180,9 +250,22 @@ class SparsePeftLayer(BaseTunerLayer):
             )
         return weight.data.view(-1)
 
-    def storage_indices(self, adapter_name: str) -> torch.Tensor:
-        """int64 positions of the adapter's entries in the base weight's own storage (Conv1D stores Wᵀ)."""
+    def delta_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 logical indices, detached values) of the adapter's whole delta: the mask plus the frozen residual."""
         indices = self.speft_indices[adapter_name].to(torch.int64)
+        values = self.speft_values[adapter_name].detach()
+        if adapter_name not in self.speft_residual_indices:
+            return indices, values
+        residual_values = self.speft_residual_values[adapter_name].to(values.dtype)
+        return (
+            torch.cat([indices, self.speft_residual_indices[adapter_name].to(torch.int64)]),
+            torch.cat([values, residual_values]),
+        )
+
+    def storage_positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 positions of logical (row-major (out, in)) `indices` in the base weight's own storage (Conv1D
+        stores Wᵀ)."""
+        indices = indices.to(torch.int64)
         if not self.fan_in_fan_out:
             return indices
         rows = torch.div(indices, self.in_features, rounding_mode="floor")
@@ -192,8 +275,9 @@ class SparsePeftLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging)."""
         weight = self.get_base_layer().weight
+        indices, values = self.delta_entries(adapter_name)
         delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-        delta[self.storage_indices(adapter_name)] = self.speft_values[adapter_name].detach().to(weight.dtype)
+        delta[self.storage_positions(indices)] = values.to(weight.dtype)
         return delta.view_as(weight)
 
     # ----------------------------------------------------------------- merging
@@ -207,15 +291,16 @@ class SparsePeftLayer(BaseTunerLayer):
             if adapter_name not in self.speft_values:
                 continue
             self.check_calibrated(adapter_name)
-            flat, positions = self._flat_weight(), self.storage_indices(adapter_name)
+            indices, values = self.delta_entries(adapter_name)
+            flat, positions = self._flat_weight(), self.storage_positions(indices)
             original = flat[positions]
-            merged = original + self.speft_values[adapter_name].detach().to(flat.dtype)
+            merged = original + values.to(flat.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                 )
             flat[positions] = merged
-            self._merge_originals[adapter_name] = original
+            self._merge_originals[adapter_name] = (positions, original)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -225,8 +310,8 @@ class SparsePeftLayer(BaseTunerLayer):
             return
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
-            flat = self._flat_weight()
-            flat[self.storage_indices(adapter_name)] = self._merge_originals.pop(adapter_name)
+            positions, original = self._merge_originals.pop(adapter_name)
+            self._flat_weight()[positions] = original
 
     # ----------------------------------------------------------------- fold_weights speed mode
     def _fold(self, adapter_name: str) -> None:
@@ -239,18 +324,20 @@ class SparsePeftLayer(BaseTunerLayer):
         if folded is not None and folded.adapter != adapter_name:
             self._unfold()
             folded = None
-        flat, positions = self._flat_weight(), self.storage_indices(adapter_name)
+        indices, all_values = self.delta_entries(adapter_name)
+        flat = self._flat_weight()
+        positions = self.storage_positions(indices) if folded is None else folded.positions
         with torch.no_grad():
             original = flat[positions] if folded is None else folded.original
-            flat[positions] = original + values.detach().to(flat.dtype)
-        self._folded = _FoldedDelta(adapter_name, original, version)
+            flat[positions] = original + all_values.to(flat.dtype)
+        self._folded = _FoldedDelta(adapter_name, positions, original, version)
 
     def _unfold(self) -> None:
         """Restore the base weight if a delta is folded into it."""
         if self._folded is None:
             return
         with torch.no_grad():
-            self._flat_weight()[self.storage_indices(self._folded.adapter)] = self._folded.original
+            self._flat_weight()[self._folded.positions] = self._folded.original
         self._folded = None
 
 
@@ -297,6 +384,9 @@ class Linear(nn.Module, SparsePeftLayer):
             if fold and not (values.requires_grad and torch.is_grad_enabled()):
                 continue
             result = sparse_delta(result, x, values, self.pattern(name), add_delta=not fold)
+            if not fold and name in self.speft_residual_indices:
+                residual = self.speft_residual_values[name]
+                result = sparse_delta(result, x, residual, self.pattern(name, residual=True))
         return result
 
     def __repr__(self) -> str:

@@ -61,6 +61,14 @@ def local_budgets(sizes: Mapping[str, int], total: int) -> dict[str, int]:
     return budgets
 
 
+def select_per_layer(scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Sorted flat int64 indices of the `counts[name]` highest scores of each layer."""
+    for name, value in scores.items():
+        if not 0 <= counts[name] <= value.numel():
+            raise ValueError(f"count={counts[name]} is not allowed for {name!r} with {value.numel()} weights.")
+    return {name: _select_topk(_flat_scores(value), counts[name]) for name, value in scores.items()}
+
+
 def select_mask(scores: Mapping[str, torch.Tensor], budget: int, scope: str = "global") -> dict[str, torch.Tensor]:
     """Sorted flat int64 indices of the `budget` highest scores per layer, ranked globally or per layer."""
     sizes = {name: value.numel() for name, value in scores.items()}
@@ -68,8 +76,7 @@ def select_mask(scores: Mapping[str, torch.Tensor], budget: int, scope: str = "g
     if not 0 < budget <= total:
         raise ValueError(f"budget={budget} is not allowed for {total} scored weights; it must satisfy 0 < k <= {total}.")
     if scope == "local":
-        budgets = local_budgets(sizes, budget)
-        return {name: _select_topk(_flat_scores(value), budgets[name]) for name, value in scores.items()}
+        return select_per_layer(scores, local_budgets(sizes, budget))
     if scope != "global":
         raise ValueError(f"scope={scope!r} is not allowed; use 'global' or 'local'.")
     threshold = _kth_largest(scores, budget)

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SparsePeftConfig
 from .layer import Linear, SparsePeftLayer
-from .masking import select_mask
+from .masking import select_mask, select_per_layer
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -102,16 +102,33 @@ class SparsePeftModel(BaseTuner):
         Returns the number of trainable entries per layer.
         """
         config: SparsePeftConfig = self.peft_config[adapter_name]
-        layers = sparse_layers(self.model, adapter_name)
-        if set(scores) != set(layers):
-            missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
-            raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
+        layers = self._scored_layers(adapter_name, scores)
         budget = config.total_budget([(layer.out_features, layer.in_features) for layer in layers.values()])
         masks = select_mask({name: scores[name] for name in layers}, budget, config.mask_scope)
         generator = torch.Generator().manual_seed(config.seed)
         for name, layer in layers.items():
             layer.set_mask(adapter_name, masks[name], init_weights=config.init_weights, generator=generator)
         return {name: int(mask.numel()) for name, mask in masks.items()}
+
+    def update_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dynamic mask update: re-rank every layer's entries by `scores`, keeping each layer's count.
+
+        The model's function is unchanged (see `SparsePeftLayer.update_mask`). Counts stay fixed so parameter shapes,
+        optimizer state and DDP buckets keep their layout. Returns, per layer, each new entry's old position or -1.
+        """
+        layers = self._scored_layers(adapter_name, scores)
+        for layer in layers.values():
+            layer.check_calibrated(adapter_name)
+        counts = {name: layer.speft_values[adapter_name].numel() for name, layer in layers.items()}
+        masks = select_per_layer({name: scores[name] for name in layers}, counts)
+        return {name: layer.update_mask(adapter_name, masks[name]) for name, layer in layers.items()}
+
+    def _scored_layers(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, SparsePeftLayer]:
+        layers = sparse_layers(self.model, adapter_name)
+        if set(scores) != set(layers):
+            missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
+            raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
+        return layers
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():
@@ -132,7 +149,9 @@ class SparsePeftModel(BaseTuner):
         Nothing in the model changes unless the whole checkpoint is valid; an adapter that `load_adapter` added for
         an invalid checkpoint is removed again, so the model is left as it was.
         """
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = cls._with_residual_keys(
+            super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict), model, adapter_name
+        )
         try:
             checked = cls._validated_masks(model, adapter_name, remapped)
         except CorruptAdapterError:
@@ -140,13 +159,26 @@ class SparsePeftModel(BaseTuner):
                 model.delete_adapter(adapter_name)
             raise
         layers = sparse_layers(model, adapter_name)
-        for name, (indices, values) in checked.items():
-            layers[name].set_mask(adapter_name, indices, values=values)
+        for name, (indices, values, residual) in checked.items():
+            layers[name].set_mask(adapter_name, indices, values=values, residual=residual)
         return remapped
+
+    @staticmethod
+    def _with_residual_keys(remapped, model, adapter_name):
+        """peft maps checkpoint keys to the keys the model has now; a residual (from dynamic mask updates) is created
+        by loading, so its keys are mapped here."""
+        wrapped = isinstance(model, PeftModel)
+        renamed = {}
+        for key, value in remapped.items():
+            if key.endswith((".speft_residual_indices", ".speft_residual_values")):
+                key = f"{key if wrapped else key.removeprefix('base_model.model.')}.{adapter_name}"
+            renamed[key] = value
+        return renamed
 
     @classmethod
     def _validated_masks(cls, model, adapter_name, remapped):
-        """(indices, values) per SPEFT layer of `adapter_name` from a remapped checkpoint, all checked."""
+        """(indices, values, residual or None) per SPEFT layer of `adapter_name` from a remapped checkpoint, all
+        checked."""
         layers = sparse_layers(model, adapter_name)
         prefix = "base_model.model."
         model_keys = {name.removeprefix(prefix) for name in layers}
@@ -161,7 +193,8 @@ class SparsePeftModel(BaseTuner):
                         "incomplete or was saved for a different model or target_modules."
                     )
                 entries[attr] = remapped[key]
-            checked[name] = cls._validated_mask(name, layer, **entries)
+            indices, values = cls._validated_mask(name, layer, **entries)
+            checked[name] = (indices, values, cls._validated_residual(name, layer, adapter_name, remapped, indices))
         stray = sorted(
             key for key in remapped
             if ".speft_" in key and key.rpartition(".speft_")[0].removeprefix(prefix) not in model_keys
@@ -198,3 +231,18 @@ class SparsePeftModel(BaseTuner):
         if not torch.isfinite(speft_values).all():
             raise CorruptAdapterError(f"Module {name!r}: values contain NaN or inf.")
         return indices, speft_values
+
+    @classmethod
+    def _validated_residual(cls, name, layer, adapter_name, remapped, mask_indices):
+        """The frozen residual of dynamic mask updates, if saved: checked like a mask and disjoint from it."""
+        keys = [f"{name}.speft_residual_{part}.{adapter_name}" for part in ("indices", "values")]
+        present = [key in remapped for key in keys]
+        if not any(present):
+            return None
+        if not all(present):
+            raise CorruptAdapterError(f"Module {name!r}: the residual needs both indices and values; one is missing.")
+        weight_shape = torch.tensor([layer.out_features, layer.in_features])
+        indices, values = cls._validated_mask(name, layer, remapped[keys[0]], remapped[keys[1]], weight_shape)
+        if torch.isin(indices, mask_indices).any():
+            raise CorruptAdapterError(f"Module {name!r}: residual indices overlap the mask.")
+        return indices, values

@@ -111,7 +111,7 @@ def test_merge_and_unload_matches_adapter_output(model_name):
 def test_merged_weights_differ_only_at_mask(model_name):
     base = build(model_name)
     model = peft_model(model_name, init_weights=False)
-    masks = {name.removeprefix("base_model.model."): layer.storage_indices("default")
+    masks = {name.removeprefix("base_model.model."): layer.storage_positions(layer.speft_indices["default"])
              for name, layer in sparse_layers(model).items()}
     merged = model.merge_and_unload()
     num_changed = 0

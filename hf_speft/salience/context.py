@@ -31,7 +31,8 @@ def logical_weight(module: nn.Module) -> torch.Tensor:
         weight = weight.clone(memory_format=torch.contiguous_format)
         flat = weight.view(-1)
         for name in deltas:
-            flat[module.speft_indices[name].long()] += module.speft_values[name].detach().float()
+            indices, values = module.delta_entries(name)
+            flat[indices] += values.float()
         return weight
     weight = module.weight.detach()
     return (weight.t() if isinstance(module, Conv1D) else weight).float()

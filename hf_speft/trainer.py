@@ -1,0 +1,270 @@
+"""Training with SPEFT through transformers/trl: calibrate before the first step, dynamic mask updates, and the
+optimizer-state surgery those updates need.
+
+- `MaskUpdater` does the work for any training loop (a plain PyTorch loop included).
+- `SpeftCallback` runs a `MaskUpdater`'s dynamic updates from any `transformers.Trainer`.
+- `SpeftTrainerMixin` turns any `Trainer` subclass into a SPEFT trainer: it calibrates from the training data (or a
+  `calibration_dataset`) before the wrapped model is built, adds the callback and reports SPEFT metrics in the
+  Trainer's own logs. `SpeftTrainer` is the mixin on `transformers.Trainer`; `SpeftSFTTrainer` (in
+  `hf_speft.integrations.trl`) is the mixin on trl's `SFTTrainer`.
+
+Checkpoints are the stock Trainer's: the adapter files (mask, values and the residual of dynamic updates), optimizer,
+scheduler, RNG and trainer state. Dynamic updates happen at fixed global steps and draw their salience batches with
+seeds derived from the update number, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .model import sparse_layers, speft_tuner
+from .salience import calibrate, compute_adapter_salience
+
+logger = logging.getLogger(__name__)
+
+
+def _innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate/Trainer wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"Dynamic SPEFT masks edit the optimizer state of moved entries and need a torch.optim.Optimizer; got "
+            f"{type(optimizer).__name__} (DeepSpeed/FSDP-managed optimizers are not supported: use mask_update='static')."
+        )
+    return optimizer
+
+
+def remap_optimizer_state(optimizer: Any, parameter: nn.Parameter, kept_from: torch.Tensor, reset: str) -> None:
+    """Carry `parameter`'s optimizer state through a mask update.
+
+    `kept_from[j]` is the old position of new entry j, or -1 for an entry new to the mask. `reset="new"` keeps the
+    per-entry state (e.g. Adam's moments) of entries that stay and zeroes it for new ones; `reset="all"` drops the
+    parameter's whole state, as a freshly created optimizer would have it.
+    """
+    optimizer = _innermost_optimizer(optimizer)
+    state = optimizer.state.get(parameter)
+    if not state:
+        return
+    if reset == "all":
+        del optimizer.state[parameter]
+        return
+    kept = kept_from >= 0
+    sources = kept_from[kept].to(parameter.device)
+    kept = kept.to(parameter.device)
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == parameter.shape and value.dim() > 0:
+            moved = torch.zeros_like(value)
+            moved[kept] = value[sources]
+            value.copy_(moved)
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: Optional[int] = None) -> Iterator[None]:
+    """Run salience without consuming the training RNG streams (optionally seeded for reproducible batches)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+class MaskUpdater:
+    """Calibration and dynamic mask updates of one SPEFT adapter.
+
+    Args:
+        model: A `PeftModel` with a SPEFT adapter (not a DDP/accelerate wrapper: pass the unwrapped model).
+        dataloader: Batches with labels for salience. A dynamic update calls its `set_epoch(update_number)` if it
+            has one, so give the updater its own dataloader, not the training loop's.
+        adapter_name: The adapter to calibrate and update (default: the active one).
+
+    Example (a plain training loop):
+        ```py
+        >>> updater = MaskUpdater(model, salience_loader)
+        >>> updater.calibrate()  # before building the optimizer
+        >>> optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+        >>> for step, batch in enumerate(train_loader, start=1):
+        ...     model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+        ...     updater.step(step, optimizer)  # a dynamic update every `update_interval` steps
+        ```
+    """
+
+    def __init__(self, model: nn.Module, dataloader: Optional[Iterable[Any]], adapter_name: Optional[str] = None):
+        self.tuner = speft_tuner(model)
+        self.model = model
+        self.dataloader = dataloader
+        self.adapter_name = adapter_name or self.tuner.active_adapters[0]
+        if self.adapter_name not in self.tuner.peft_config:
+            raise ValueError(f"No SPEFT adapter named {self.adapter_name!r}; have {sorted(self.tuner.peft_config)}.")
+        self.config = self.tuner.peft_config[self.adapter_name]
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while the adapter has no mask (a data-dependent measure that has not run yet)."""
+        return any(self.adapter_name in layer.speft_uncalibrated for layer in self._layers().values())
+
+    def calibrate(self) -> dict[str, int]:
+        """Compute salience, build the masks and record the time and per-layer densities; returns nnz per module."""
+        start = time.perf_counter()
+        with _isolated_rng():
+            counts = calibrate(self.model, self.dataloader, self.adapter_name)
+        layers = self._layers()
+        total = sum(layer.out_features * layer.in_features for layer in layers.values())
+        self._metrics.update({
+            "speft/salience_seconds": time.perf_counter() - start,
+            "speft/trainable_params": sum(counts.values()),
+            "speft/density": sum(counts.values()) / total,
+        })
+        for name, count in counts.items():
+            layer = layers[name]
+            self._metrics[f"speft/density/{name}"] = count / (layer.out_features * layer.in_features)
+        return counts
+
+    def is_due(self, global_step: int) -> bool:
+        """Whether a dynamic update follows optimizer step `global_step`."""
+        return (
+            self.config.mask_update == "dynamic" and global_step > 0 and global_step % self.config.update_interval == 0
+        )
+
+    def step(self, global_step: int, optimizer: Any) -> Optional[float]:
+        """After optimizer step `global_step`: run the dynamic update if one is due; returns its churn or None."""
+        if not self.is_due(global_step):
+            return None
+        return self.update(optimizer, update_number=global_step // self.config.update_interval)
+
+    def update(self, optimizer: Any, update_number: int = 0) -> float:
+        """Recompute salience at the current weights, move every layer's entries to its new top ones (the model's
+        function is unchanged) and carry the optimizer state over. Returns the churn: the fraction of entries
+        replaced."""
+        start = time.perf_counter()
+        if hasattr(self.dataloader, "set_epoch"):
+            self.dataloader.set_epoch(update_number)
+        with _isolated_rng(self.config.seed + update_number):
+            scores = compute_adapter_salience(self.model, self.adapter_name, self.dataloader)
+        moves = self.tuner.update_masks(self.adapter_name, scores)
+        layers = self._layers()
+        replaced = total = 0
+        for name, kept_from in moves.items():
+            parameter = layers[name].speft_values[self.adapter_name]
+            remap_optimizer_state(optimizer, parameter, kept_from, self.config.reset_optimizer)
+            replaced += int((kept_from < 0).sum())
+            total += kept_from.numel()
+        churn = replaced / max(total, 1)
+        seconds = time.perf_counter() - start
+        logger.info("SPEFT mask update %d: %.2f%% of entries replaced in %.2fs", update_number, 100 * churn, seconds)
+        self._metrics.update({"speft/mask_churn": churn, "speft/mask_update_seconds": seconds})
+        return churn
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Metrics recorded since the last call (for the Trainer's logs)."""
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def _layers(self):
+        return sparse_layers(self.tuner.model, self.adapter_name)
+
+
+class SpeftCallback(TrainerCallback):
+    """Runs a `MaskUpdater`'s dynamic updates after optimizer steps of any `transformers.Trainer`.
+
+    With a stock Trainer, calibrate first (`updater.calibrate()`), then `Trainer(..., callbacks=[SpeftCallback(
+    updater)])`. `SpeftTrainer` and `SpeftSFTTrainer` do both for you.
+    """
+
+    def __init__(self, updater: MaskUpdater) -> None:
+        self.updater = updater
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.updater.needs_calibration:
+            raise RuntimeError(
+                "The SPEFT adapter has no mask yet: call `MaskUpdater.calibrate()` before `trainer.train()`, or use "
+                "hf_speft.SpeftTrainer / SpeftSFTTrainer, which calibrate for you."
+            )
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.updater.step(state.global_step, optimizer)
+
+
+class SpeftTrainerMixin:
+    """Makes any `transformers.Trainer` subclass a SPEFT trainer (see the module docstring).
+
+    Args:
+        calibration_dataset: Dataset for salience (default: the training dataset), batched and collated like it.
+    """
+
+    def __init__(self, *args: Any, calibration_dataset: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        speft_tuner(self.model)
+        self.calibration_dataset = calibration_dataset
+        self._mask_updater: Optional[MaskUpdater] = None
+        self.add_callback(_TrainerMaskUpdates(self))
+
+    @property
+    def mask_updater(self) -> MaskUpdater:
+        """The `MaskUpdater` of the model's active SPEFT adapter, fed by `get_calibration_dataloader()`."""
+        if self._mask_updater is None:
+            self._mask_updater = MaskUpdater(self.model, self.get_calibration_dataloader())
+        return self._mask_updater
+
+    def get_calibration_dataloader(self):
+        """Salience batches: the calibration (or training) dataset, batched, collated and sharded like training."""
+        dataset = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError("SPEFT salience needs data: pass `train_dataset` or `calibration_dataset` to the trainer.")
+        return self._get_dataloader(
+            dataset=dataset,
+            description="Calibration",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def train(self, resume_from_checkpoint: Optional[str | bool] = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, calibrating the adapter first unless a checkpoint (which holds the mask) is resumed."""
+        if self.mask_updater.config.mask_update == "dynamic" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "mask_update='dynamic' edits the optimizer state of moved entries, which DeepSpeed and FSDP shard; "
+                "use mask_update='static' with them."
+            )
+        if not resume_from_checkpoint and self.mask_updater.needs_calibration:
+            self.mask_updater.calibrate()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """`Trainer.log` with the SPEFT metrics recorded since the last log (salience time, densities, churn)."""
+        if self._mask_updater is not None:
+            logs = {**logs, **self._mask_updater.pop_metrics()}
+        super().log(logs, *args, **kwargs)
+
+
+class _TrainerMaskUpdates(SpeftCallback):
+    """The mixin's callback: the updater is created lazily by the trainer."""
+
+    def __init__(self, trainer: SpeftTrainerMixin) -> None:
+        self.trainer = trainer
+
+    @property
+    def updater(self) -> MaskUpdater:
+        return self.trainer.mask_updater
+
+
+class SpeftTrainer(SpeftTrainerMixin, Trainer):
+    """`transformers.Trainer` for SPEFT adapters: calibrates before the first step and runs dynamic mask updates.
+
+    Example:
+        ```py
+        >>> model = get_peft_model(base, SparsePeftConfig(target_modules="all-linear", match_lora_rank=8))
+        >>> trainer = SpeftTrainer(model=model, args=TrainingArguments("out"), train_dataset=train, data_collator=c)
+        >>> trainer.train()
+        >>> trainer.save_model("out/adapter")  # adapter_config.json + adapter_model.safetensors
+        ```
+    """
