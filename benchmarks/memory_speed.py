@@ -9,46 +9,14 @@ fresh subprocess; rounds are interleaved and every figure is also given as a rat
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
+
+from harness import PeakRss, median, parser_for, rss_bytes, run
 
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_fold"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRss:
-    """Samples the resident set size in a thread; `peak` is the largest value seen."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = _rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
 
 
 def _build(method: str, args):
@@ -147,9 +115,9 @@ def worker(method: str, args) -> dict:
     ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     saved_bytes = _saved_for_backward_bytes(model, batch)
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     times = []
-    with _PeakRss() as rss:
+    with PeakRss() as rss:
         for step in range(args.warmup + args.steps):
             start = time.perf_counter()
             model(**batch).loss.backward()
@@ -181,55 +149,23 @@ RATIO_FIELDS = ["step_time_s", "inference_time_s", "peak_extra_rss_bytes", "opti
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = parser_for(__doc__, METHODS, "memory_speed.jsonl")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory_speed.jsonl"))
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
-        return
-    if "lora" not in args.methods:
-        parser.error("--methods must include lora: every ratio is relative to LoRA in the same run")
-
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "hidden", "layers", "batch", "seq_len")]
-    rounds: list[dict[str, dict]] = []
-    for round_index in range(args.rounds):
-        results = {}
-        for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, "--worker", method, *passthrough],
-                                 capture_output=True, text=True, check=True)
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"round {round_index + 1}: {method:12s} step {results[method]['step_time_s']:.3f}s", flush=True)
-        for result in results.values():
-            for field in RATIO_FIELDS:
-                result[f"{field}/lora"] = result[field] / results["lora"][field] if results["lora"][field] else None
-        rounds.append(results)
-
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
-        for round_index, results in enumerate(rounds):
-            for result in results.values():
-                f.write(json.dumps({"round": round_index + 1, **result, "config": vars(args)}) + "\n")
-    print(f"\nmedian over {args.rounds} interleaved rounds (ratios to LoRA in the same round):")
+    passthrough = ["steps", "warmup", "hidden", "layers", "batch", "seq_len"]
+    args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
     print("| method | trainable | step s | ÷LoRA | inference ÷LoRA | peak extra RSS ÷LoRA | optimizer ÷LoRA | "
           "saved-for-backward ÷LoRA |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method in args.methods:
-        runs = [r[method] for r in rounds]
-
         def med(key):
-            values = [run[key] for run in runs if run[key] is not None]
-            return statistics.median(values) if values else float("nan")
+            return median(rounds, method, key)
 
-        print(f"| {method} | {runs[0]['trainable_params']:,} | {med('step_time_s'):.3f} | "
+        print(f"| {method} | {rounds[0][method]['trainable_params']:,} | {med('step_time_s'):.3f} | "
               f"{med('step_time_s/lora'):.2f} | {med('inference_time_s/lora'):.2f} | "
               f"{med('peak_extra_rss_bytes/lora'):.2f} | {med('optimizer_state_bytes/lora'):.2f} | "
               f"{med('saved_for_backward_bytes/lora'):.2f} |")

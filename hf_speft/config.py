@@ -32,7 +32,7 @@ class SparsePeftConfig(PeftConfig):
         match_lora_rank: Train as many weights as a LoRA of this rank would on the same targets (Σ r·(m+n)).
         mask_scope: `"global"` ranks all targeted weights together; `"local"` gives every layer the same density.
         salience: Name of the measure that scores weights (see `hf_speft.available_measures()`). Data-free measures
-            (`"magnitude"`, `"random"`, `"synflow"`) build the mask inside `get_peft_model`; the others leave the
+            (`"magnitude"`, `"random"`) build the mask inside `get_peft_model`; the others leave the
             adapter uncalibrated until `hf_speft.calibrate(model, dataloader)` runs.
         salience_batches: Number of batches used by data-dependent measures (the paper: 64 batches of 16 samples).
         salience_dtype: Dtype the scores accumulate in, `"float32"` or `"bfloat16"`.

@@ -20,6 +20,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _no_autocast(device: torch.device):
+    """Sparse kernels run in the compute dtype chosen here, not in an ambient autocast dtype (bf16 CSR has no CPU
+    kernel)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class SparsePattern:
     """The CSR layout of a sparse (out_features, in_features) delta whose flat row-major indices are sorted."""
 
@@ -79,15 +85,23 @@ class _SparseDeltaFunction(torch.autograd.Function):
             return base_out.view_as(base_out)
         compute_dtype = _compute_dtype(x.dtype)
         x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        correction = torch.sparse.mm(pattern.delta(values.to(compute_dtype)), x2d.t())
+        with _no_autocast(x.device):
+            correction = torch.sparse.mm(pattern.delta(values.to(compute_dtype)), x2d.t())
         return base_out + correction.t().reshape(base_out.shape).to(base_out.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, values = ctx.saved_tensors
-        pattern: SparsePattern = ctx.pattern
         compute_dtype = _compute_dtype(grad_out.dtype)
         g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(compute_dtype)
+        with _no_autocast(x.device):
+            grad_x, grad_values = _SparseDeltaFunction._sparse_grads(ctx, x, values, g2d, compute_dtype)
+        grad_base = grad_out if ctx.needs_input_grad[0] else None
+        return grad_base, grad_x, grad_values, None, None
+
+    @staticmethod
+    def _sparse_grads(ctx, x, values, g2d, compute_dtype):
+        pattern: SparsePattern = ctx.pattern
         grad_x = grad_values = None
         if ctx.needs_input_grad[1] and ctx.add_delta:
             delta_t = pattern.delta_transposed(values.to(compute_dtype))
@@ -95,8 +109,7 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
             grad_values = pattern.sampled_product(g2d, x2d)
-        grad_base = grad_out if ctx.needs_input_grad[0] else None
-        return grad_base, grad_x, grad_values, None, None
+        return grad_x, grad_values
 
 
 def sparse_delta(

@@ -85,6 +85,7 @@ class MaskUpdater:
         dataloader: Batches with labels for salience. A dynamic update calls its `set_epoch(update_number)` if it
             has one, so give the updater its own dataloader, not the training loop's.
         adapter_name: The adapter to calibrate and update (default: the active one).
+        show_progress: Show a progress bar over the salience batches.
 
     Example (a plain training loop):
         ```py
@@ -97,8 +98,15 @@ class MaskUpdater:
         ```
     """
 
-    def __init__(self, model: nn.Module, dataloader: Optional[Iterable[Any]], adapter_name: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Optional[Iterable[Any]],
+        adapter_name: Optional[str] = None,
+        show_progress: bool = True,
+    ) -> None:
         self.tuner = speft_tuner(model)
+        self.show_progress = show_progress
         self.model = model
         self.dataloader = dataloader
         self.adapter_name = adapter_name or self.tuner.active_adapters[0]
@@ -116,7 +124,7 @@ class MaskUpdater:
         """Compute salience, build the masks and record the time and per-layer densities; returns nnz per module."""
         start = time.perf_counter()
         with _isolated_rng():
-            counts = calibrate(self.model, self.dataloader, self.adapter_name)
+            counts = calibrate(self.model, self.dataloader, self.adapter_name, show_progress=self.show_progress)
         layers = self._layers()
         total = sum(layer.out_features * layer.in_features for layer in layers.values())
         self._metrics.update({
@@ -149,7 +157,9 @@ class MaskUpdater:
         if hasattr(self.dataloader, "set_epoch"):
             self.dataloader.set_epoch(update_number)
         with _isolated_rng(self.config.seed + update_number):
-            scores = compute_adapter_salience(self.model, self.adapter_name, self.dataloader)
+            scores = compute_adapter_salience(
+                self.model, self.adapter_name, self.dataloader, show_progress=self.show_progress
+            )
         moves = self.tuner.update_masks(self.adapter_name, scores)
         layers = self._layers()
         replaced = total = 0
@@ -212,7 +222,8 @@ class SpeftTrainerMixin:
     def mask_updater(self) -> MaskUpdater:
         """The `MaskUpdater` of the model's active SPEFT adapter, fed by `get_calibration_dataloader()`."""
         if self._mask_updater is None:
-            self._mask_updater = MaskUpdater(self.model, self.get_calibration_dataloader())
+            show_progress = not self.args.disable_tqdm and self.is_local_process_zero()
+            self._mask_updater = MaskUpdater(self.model, self.get_calibration_dataloader(), show_progress=show_progress)
         return self._mask_updater
 
     def get_calibration_dataloader(self):

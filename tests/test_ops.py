@@ -84,3 +84,17 @@ def test_empty_mask_is_identity():
     pattern = SparsePattern(torch.zeros(0, dtype=torch.int64), 4, 3)
     base_out = torch.randn(2, 4)
     assert sparse_delta(base_out, torch.randn(2, 3), torch.zeros(0), pattern) is base_out
+
+
+def test_sparse_delta_under_bf16_autocast_matches_fp32():
+    """Mixed precision (Trainer bf16=True) autocasts matmuls; the sparse kernels must still run (in fp32)."""
+    torch.manual_seed(0)
+    pattern = SparsePattern(torch.randperm(24 * 16)[:40].sort().values, 24, 16)
+    values = torch.randn(40, requires_grad=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_delta(torch.zeros(5, 24), x, values, pattern)
+    out.sum().backward()
+    reference = x.detach() @ pattern.delta(values.detach()).to_dense().t()
+    torch.testing.assert_close(out.float(), reference, atol=1e-5, rtol=1e-5)
+    assert values.grad is not None and x.grad is not None

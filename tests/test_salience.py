@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from peft import get_peft_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hf_speft
 from hf_speft import SparsePeftConfig, calibrate, compute_salience, register_salience, sparse_layers
@@ -90,13 +91,112 @@ def test_measure_matches_brute_force(measure):
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
-def test_fisher_matches_per_sample_loop():
+def dense_grasp(data):
+    """(H ḡ) ⊙ W with an explicit Hessian-vector product on trainable target weights."""
+    weights, mean_grad = dense_mean_gradient(data)
+    model, trainable = model_with_trainable_targets()
+    products = {name: torch.zeros_like(w) for name, w in trainable.items()}
+    for batch in data:
+        with sdpa_kernel(SDPBackend.MATH):  # the default fused attention has no second derivative
+            loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=True)
+        inner = sum((g * mean_grad[name]).sum() for name, g in zip(trainable, grads))
+        for name, hg in zip(trainable, torch.autograd.grad(inner, list(trainable.values()))):
+            products[name] += hg / len(data)
+    return {name: products[name] * weights[name] for name in weights}
+
+
+def dense_force(data, budget, rounds=5):
+    """FORCE by hand: dense masked weights, SNIP on them, global top-k by concatenation, geometric schedule."""
+    model, trainable = model_with_trainable_targets()
+    originals = {name: w.detach().clone() for name, w in trainable.items()}
+    total = sum(w.numel() for w in originals.values())
+    kept = {name: torch.ones_like(w, dtype=torch.bool) for name, w in originals.items()}
+    for round_number in range(1, rounds + 1):
+        with torch.no_grad():
+            for name, w in trainable.items():
+                w.copy_(originals[name] * kept[name])
+        grads = {name: torch.zeros_like(w) for name, w in originals.items()}
+        for batch in data:
+            for name, g in zip(trainable, torch.autograd.grad(model(**batch).loss, list(trainable.values()))):
+                grads[name] += g / len(data)
+        scores = {name: (originals[name] * grads[name]).abs() for name in originals}
+        count = max(budget, round(total * (budget / total) ** (round_number / rounds)))
+        flat = torch.cat([value.reshape(-1) for value in scores.values()])
+        threshold = flat.topk(count).values.min()
+        kept = {name: value >= threshold for name, value in scores.items()}
+    return scores
+
+
+def dense_synflow():
+    """SynFlow by hand: |θ| everywhere, activations replaced by identities, all-ones input embeddings."""
+    model, trainable = model_with_trainable_targets()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.abs_()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.Identity()
+    output = model(inputs_embeds=torch.ones(1, 16, 32)).logits.double().sum()
+    grads = torch.autograd.grad(output, list(trainable.values()))
+    return {name: (w.detach().double() * g.double()).abs().float() for (name, w), g in zip(trainable.items(), grads)}
+
+
+def test_synflow_matches_brute_force_and_restores_the_model():
+    model = base_model()
+    before = copy.deepcopy(model.state_dict())
+    scores = compute_salience(model, None, measure="synflow", target_modules=TARGETS, show_progress=False)
+    for name, value in dense_synflow().items():
+        assert value.abs().max() > 0
+        torch.testing.assert_close(scores[name], value, atol=0, rtol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    inputs = batches(num=1)[0]
+    torch.testing.assert_close(model(**inputs).logits, base_model()(**inputs).logits)  # hooks removed
+
+
+def test_force_matches_brute_force():
     data = batches()
-    expected = dense_fisher(data)
-    scores = compute_salience(base_model(), data, measure="fisher", num_batches=3, target_modules=TARGETS,
+    budget = 500
+    scores = compute_salience(base_model(), data, measure="force", num_batches=3, target_modules=TARGETS,
+                              show_progress=False, budget=budget)
+    for name, value in dense_force(data, budget).items():
+        torch.testing.assert_close(scores[name], value, atol=1e-9, rtol=1e-4)
+    with pytest.raises(ValueError, match="budget"):
+        compute_salience(base_model(), data, measure="force", num_batches=1, target_modules=TARGETS)
+
+
+@pytest.mark.parametrize(("measure", "reference"), [("fisher", dense_fisher), ("grasp", dense_grasp)])
+def test_second_order_measures_match_brute_force(measure, reference):
+    """Fisher against a per-sample gradient loop, GraSP against an explicit Hessian-vector product."""
+    data = batches()
+    expected = reference(data)
+    scores = compute_salience(base_model(), data, measure=measure, num_batches=3, target_modules=TARGETS,
                               show_progress=False)
     for name, value in expected.items():
+        assert value.abs().max() > 0
         torch.testing.assert_close(scores[name], value, atol=1e-9, rtol=1e-4)
+
+
+def test_grasp_on_a_trained_adapter_scores_the_effective_weight():
+    """With a nonzero delta, GraSP runs on the merged weight (exactly restored afterwards)."""
+    model = speft_model(salience="grasp")
+    calibrate(model, batches())
+    for layer in sparse_layers(model).values():
+        layer.speft_values["default"].data.normal_(std=0.05)
+    base_weights = {name: layer.get_base_layer().weight.detach().clone()
+                    for name, layer in sparse_layers(model).items()}
+    scores = compute_salience(model, batches(), measure="grasp", num_batches=3, show_progress=False)
+    reference_model = copy.deepcopy(model).merge_and_unload()
+    for name, layer in sparse_layers(model).items():
+        assert torch.equal(layer.get_base_layer().weight, base_weights[name])
+        assert not layer.merged
+    # Same score as GraSP on the merged base model.
+    for w in reference_model.parameters():
+        w.requires_grad_(False)
+    expected = compute_salience(reference_model, batches(), measure="grasp", num_batches=3, target_modules=TARGETS,
+                                show_progress=False)
+    for name, value in scores.items():
+        torch.testing.assert_close(value, expected[name.removeprefix("base_model.model.")], atol=1e-9, rtol=1e-4)
 
 
 def test_dataloader_is_cycled_and_scores_offloaded_in_bfloat16():

@@ -74,8 +74,9 @@ def test_save_model_writes_a_loadable_adapter(tmp_path):
     torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
 
-def test_dynamic_update_keeps_outputs_and_moves_the_mask(tmp_path):
-    model = speft_model(mask_update="dynamic", update_interval=100)
+@pytest.mark.parametrize("fold_weights", [False, True])
+def test_dynamic_update_keeps_outputs_and_moves_the_mask(tmp_path, fold_weights):
+    model = speft_model(mask_update="dynamic", update_interval=100, fold_weights=fold_weights)
     updater = MaskUpdater(model, [batch(seed=1)])
     updater.calibrate()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import data_free, gradients
+from . import data_free, gradients, synflow
 from .context import SalienceContext, logical_weight
 from .registry import available_measures, get_measure, register_salience
 
@@ -24,6 +24,9 @@ for _name, _fn, _data_free in (
     ("taylor", gradients.taylor, False),
     ("skeleton", gradients.skeleton, False),
     ("fisher", gradients.fisher, False),
+    ("grasp", gradients.grasp, False),
+    ("force", gradients.force, False),
+    ("synflow", synflow.synflow, True),
 ):
     register_salience(_name, _fn, data_free=_data_free, overwrite=True)
 
@@ -81,8 +84,10 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
+    layers = sparse_layers(tuner.model, adapter_name)
     ctx = SalienceContext(
-        layers=sparse_layers(tuner.model, adapter_name),
+        layers=layers,
+        budget=config.total_budget([(layer.out_features, layer.in_features) for layer in layers.values()]),
         model=peft_model,
         num_batches=config.salience_batches,
         dtype=_DTYPES[config.salience_dtype],
@@ -94,10 +99,10 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
 
 
 def compute_adapter_salience(
-    peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None
+    peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
 ) -> dict[str, torch.Tensor]:
     """Scores of the configured measure for every SPEFT layer of `adapter_name`, keyed like `sparse_layers`."""
-    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader)
+    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader, show_progress=show_progress)
     return _run_measure(measure, ctx)
 
 
@@ -113,22 +118,28 @@ def compute_salience(
     device: Optional[str | torch.device] = None,
     seed: int = 0,
     show_progress: bool = True,
+    budget: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """Score every targeted weight: module name -> (out_features, in_features) scores.
 
     `model` is a `PeftModel` with a SPEFT adapter (its layers are scored, the current delta included in W) or a
     base model together with `target_modules` (matched like peft's `target_modules`). `dataloader` yields batches
-    the model accepts, with labels; it is cycled when shorter than `num_batches`.
+    the model accepts, with labels; it is cycled when shorter than `num_batches`. `budget` (the number of weights to
+    be kept) is needed by measures that prune progressively (`force`); for a SPEFT model it defaults to its adapter's.
     """
     from ..model import sparse_layers, speft_tuner
 
     if target_modules is None:
-        layers = sparse_layers(speft_tuner(model).model, adapter_name)
+        tuner = speft_tuner(model)
+        layers = sparse_layers(tuner.model, adapter_name)
+        if budget is None and adapter_name in tuner.peft_config:
+            shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
+            budget = tuner.peft_config[adapter_name].total_budget(shapes)
     else:
         layers = _matched_targets(model, target_modules)
     ctx = SalienceContext(layers=layers, model=model, dataloader=dataloader, num_batches=num_batches, dtype=dtype,
                           device=torch.device(device) if device is not None else None, seed=seed,
-                          show_progress=show_progress)
+                          show_progress=show_progress, budget=budget)
     return _run_measure(measure, ctx)
 
 
@@ -145,7 +156,10 @@ def _matched_targets(model: nn.Module, target_modules: list[str] | str) -> dict[
 
 
 def calibrate(
-    peft_model: nn.Module, dataloader: Optional[Iterable[Any]] = None, adapter_name: Optional[str] = None
+    peft_model: nn.Module,
+    dataloader: Optional[Iterable[Any]] = None,
+    adapter_name: Optional[str] = None,
+    show_progress: bool = True,
 ) -> dict[str, int]:
     """Compute the adapter's configured salience, build its masks and fill the layers; returns nnz per module.
 
@@ -156,7 +170,7 @@ def calibrate(
     tuner = speft_tuner(peft_model)
     adapter_name = adapter_name or tuner.active_adapters[0]
     start = time.perf_counter()
-    scores = compute_adapter_salience(peft_model, adapter_name, dataloader)
+    scores = compute_adapter_salience(peft_model, adapter_name, dataloader, show_progress=show_progress)
     counts = tuner.set_masks(adapter_name, scores)
     layers = sparse_layers(tuner.model, adapter_name)
     logger.info("calibrated adapter %r in %.2fs (%d trainable weights)", adapter_name, time.perf_counter() - start,

@@ -3,6 +3,9 @@
 A forward hook keeps each target's input x and adds a zero probe that requires grad to its output (so the loss
 back-propagates while every weight stays frozen); a tensor hook on the output receives grad_out and accumulates the
 weight gradient grad_outᵀ·x into one score-sized buffer per layer. No `.grad` is ever created.
+
+GraSP needs a Hessian-gradient product, so it differentiates twice: there, each target gets a zero (out, in) weight
+probe P (output += x·Pᵀ), whose gradient is the weight gradient and can be differentiated again.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _captured_gradients(
+def captured_gradients(
     ctx: SalienceContext, on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None]
 ) -> Iterator[None]:
     """Call `on_gradient(name, x, grad_out)` for every target during backward passes run inside the block."""
@@ -57,7 +60,7 @@ def _captured_gradients(
 
 
 @contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
+def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode with every parameter frozen, so backward creates no `.grad`; both restored afterwards."""
     was_training = model.training
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +78,7 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 def _run_backward_passes(ctx: SalienceContext, on_gradient, desc: str) -> None:
     if ctx.model is None:
         raise ValueError("Data-dependent salience needs the model; pass it to compute_salience/calibrate.")
-    with _frozen_eval(ctx.model), torch.enable_grad(), _captured_gradients(ctx, on_gradient):
+    with frozen_eval(ctx.model), torch.enable_grad(), captured_gradients(ctx, on_gradient):
         for batch in ctx.batches(desc):
             batch_loss(ctx.model, batch).backward()
 
@@ -118,6 +121,68 @@ def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tenso
     return {name: sums[name] / counts["samples"] for name in ctx.layers}
 
 
+@contextlib.contextmanager
+def _weight_probes(ctx: SalienceContext) -> Iterator[dict[str, torch.Tensor]]:
+    """Zero (out, in) probes added to every target's weight (output += x·Pᵀ) inside the block."""
+    probes, handles = {}, []
+
+    def forward_hook(probe: torch.Tensor):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + nn.functional.linear(args[0], probe.to(args[0].dtype))
+
+        return hook
+
+    try:
+        for name, module in ctx.layers.items():
+            weight = ctx.weight(name)
+            probes[name] = torch.zeros(ctx.shape(name), device=weight.device, requires_grad=True)
+            handles.append(module.register_forward_hook(forward_hook(probes[name])))
+        yield probes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def merged_deltas(ctx: SalienceContext) -> Iterator[None]:
+    """Merge the targets' active SPEFT deltas for the block (the sparse kernels have no second derivative); unmerge
+    restores the base exactly."""
+    from ..layer import SparsePeftLayer
+
+    merged = []
+    try:
+        for module in ctx.layers.values():
+            if isinstance(module, SparsePeftLayer) and not module.merged and not module.disable_adapters:
+                names = [name for name in module.active_adapters if name in module.speft_values
+                         and name not in module.speft_uncalibrated]
+                if names:
+                    module.merge(adapter_names=names)
+                    merged.append(module)
+        yield
+    finally:
+        for module in merged:
+            module.unmerge()
+
+
+def hessian_gradient_products(ctx: SalienceContext, direction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """H·v per target, averaged over batches, for the (out, in) `direction` v (H: Hessian of the loss in the targeted
+    weights)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sums: dict[str, torch.Tensor] = {}
+    # The fused attention kernels have no second derivative; the math kernel does.
+    with frozen_eval(ctx.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), merged_deltas(ctx), \
+            _weight_probes(ctx) as probes:
+        tensors = list(probes.values())
+        for batch in ctx.batches("salience (Hessian-gradient products)"):
+            grads = torch.autograd.grad(batch_loss(ctx.model, batch), tensors, create_graph=True)
+            inner = sum((g * direction[name].to(g)).sum() for name, g in zip(probes, grads))
+            for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
+                product = torch.zeros_like(probes[name]) if product is None else product.detach()
+                sums[name] = sums[name] + product if name in sums else product
+    return {name: sums[name] / ctx.num_batches for name in ctx.layers}
+
+
 def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device:
     return ctx.device if ctx.device is not None else like.device
 
@@ -148,6 +213,61 @@ def taylor(ctx: SalienceContext) -> dict[str, torch.Tensor]:
 def skeleton(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """−W ⊙ ḡ (skeletonization)."""
     return _weighted(ctx, torch.neg)
+
+
+def grasp(ctx: SalienceContext) -> dict[str, torch.Tensor]:
+    """(H ḡ) ⊙ W (GraSP, as the reference code ranks it: its top-k is the paper's lowest −(Hg)⊙θ)."""
+    products = hessian_gradient_products(ctx, mean_gradients(ctx))
+    return {name: ctx.score_tensor(hg * ctx.weight(name).to(hg.device), ctx.layers[name])
+            for name, hg in products.items()}
+
+
+FORCE_ROUNDS = 5
+
+
+@contextlib.contextmanager
+def _kept_only(ctx: SalienceContext, kept: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block every target computes with W ⊙ kept (output −= x·(W ⊙ ¬kept)ᵀ), the base left untouched."""
+    handles = []
+
+    def forward_hook(removed: torch.Tensor):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output - nn.functional.linear(args[0], removed.to(args[0].dtype))
+
+        return hook
+
+    try:
+        for name, module in ctx.layers.items():
+            weight = ctx.weight(name)
+            removed = weight.masked_fill(kept[name].to(weight.device), 0.0)
+            handles.append(module.register_forward_hook(forward_hook(removed)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def force(ctx: SalienceContext) -> dict[str, torch.Tensor]:
+    """FORCE (progressive skeletonisation): `FORCE_ROUNDS` rounds of SNIP at the network masked to the previous
+    round's keep-set, |W ⊙ ∂L/∂(W ⊙ c)|, the kept count shrinking geometrically from all weights to the budget (pruned
+    weights may come back). Returns the last round's scores, whose top-`budget` is FORCE's selection."""
+    from ..masking import select_mask
+
+    if ctx.budget is None:
+        raise ValueError("The force measure needs the trainable budget (SalienceContext.budget / compute_salience("
+                         "budget=...)).")
+    total = sum(ctx.shape(name)[0] * ctx.shape(name)[1] for name in ctx.layers)
+    kept = {name: torch.ones(ctx.shape(name), dtype=torch.bool) for name in ctx.layers}
+    for round_number in range(1, FORCE_ROUNDS + 1):
+        with _kept_only(ctx, kept):
+            scores = {name: (ctx.weight(name).to(g.device) * g).abs() for name, g in mean_gradients(ctx).items()}
+        if round_number < FORCE_ROUNDS:
+            count = max(ctx.budget, round(total * (ctx.budget / total) ** (round_number / FORCE_ROUNDS)))
+            masks = select_mask(scores, count, "global")
+            for name, indices in masks.items():
+                kept[name] = torch.zeros(ctx.shape(name), dtype=torch.bool)
+                kept[name].view(-1)[indices.cpu()] = True
+    return {name: ctx.score_tensor(value, ctx.layers[name]) for name, value in scores.items()}
 
 
 def fisher(ctx: SalienceContext) -> dict[str, torch.Tensor]:

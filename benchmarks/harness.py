@@ -1,0 +1,90 @@
+"""What every benchmark here shares: a peak-RSS sampler, and interleaved rounds of one fresh subprocess per method
+with every figure also given as a ratio to LoRA measured in the same round."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """Samples the resident set size in a thread; `peak` is the largest value seen."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def parser_for(doc: str, methods: list[str], output_name: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark has: --methods, --rounds, --output and the hidden --worker."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / output_name))
+    parser.add_argument("--worker", choices=methods, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthrough: list[str],
+        ratio_fields: list[str]) -> tuple[argparse.Namespace, list[dict[str, dict]]]:
+    """Parse; as a worker, print `worker(method, args)` as JSON and exit. Otherwise run the rounds (each method in a
+    fresh process), add `<field>/lora` ratios, write JSON lines to --output and return (args, rounds)."""
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        sys.exit(0)
+    if "lora" not in args.methods:
+        parser.error("--methods must include lora: every ratio is relative to LoRA in the same run")
+    forwarded = [f"--{name}={getattr(args, name)}" for name in passthrough]
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(args.rounds):
+        results = {}
+        for method in args.methods:
+            out = subprocess.run([sys.executable, script, "--worker", method, *forwarded],
+                                 capture_output=True, text=True, check=True)
+            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"round {round_index + 1}: {method:14s} step {results[method]['step_time_s']:.3f}s", flush=True)
+        for result in results.values():
+            for field in ratio_fields:
+                result[f"{field}/lora"] = result[field] / results["lora"][field] if results["lora"][field] else None
+        rounds.append(results)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        for round_index, results in enumerate(rounds):
+            for result in results.values():
+                f.write(json.dumps({"round": round_index + 1, **result, "config": vars(args)}) + "\n")
+    print(f"\nmedian over {args.rounds} interleaved rounds (ratios to LoRA in the same round):")
+    return args, rounds
+
+
+def median(rounds: list[dict[str, dict]], method: str, key: str) -> float:
+    """Median of one field of one method over the rounds (None values skipped)."""
+    values = [results[method][key] for results in rounds if results[method][key] is not None]
+    return statistics.median(values) if values else float("nan")
