@@ -6,6 +6,7 @@
 
 from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft
 from .config import SparsePeftConfig
+from .hub import push_to_hub, summarize_adapter, update_model_card
 from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
 from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
@@ -49,7 +50,10 @@ __all__ = [
     "available_measures",
     "calibrate",
     "compute_salience",
+    "push_to_hub",
     "register_salience",
     "select_mask",
     "sparse_layers",
+    "summarize_adapter",
+    "update_model_card",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -32,7 +33,7 @@ class SparsePeftConfig(PeftConfig):
         match_lora_rank: Train as many weights as a LoRA of this rank would on the same targets (Σ r·(m+n)).
         mask_scope: `"global"` ranks all targeted weights together; `"local"` gives every layer the same density.
         salience: Name of the measure that scores weights (see `hf_speft.available_measures()`). Data-free measures
-            (`"magnitude"`, `"random"`) build the mask inside `get_peft_model`; the others leave the
+            (`"magnitude"`, `"random"`, `"synflow"`) build the mask inside `get_peft_model`; the others leave the
             adapter uncalibrated until `hf_speft.calibrate(model, dataloader)` runs.
         salience_batches: Number of batches used by data-dependent measures (the paper: 64 batches of 16 samples).
         salience_dtype: Dtype the scores accumulate in, `"float32"` or `"bfloat16"`.
@@ -138,6 +139,15 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"reset_optimizer={self.reset_optimizer!r} is not allowed; use one of {OPTIMIZER_RESETS}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's config save; next to saved adapter weights (peft writes them first) it also adds the SPEFT section
+        to the folder's model card (README.md)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .hub import ADAPTER_WEIGHTS, update_model_card
+
+        if os.path.isfile(os.path.join(save_directory, ADAPTER_WEIGHTS)):
+            update_model_card(save_directory)
 
     def _validate_budget(self) -> None:
         given = {

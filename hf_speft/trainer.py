@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
@@ -249,6 +250,25 @@ class SpeftTrainerMixin:
         if not resume_from_checkpoint and self.mask_updater.needs_calibration:
             self.mask_updater.calibrate()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's card (used by `push_to_hub`), with the SPEFT section and what this run knows of training."""
+        super().create_model_card(*args, **kwargs)
+        from .hub import ADAPTER_WEIGHTS, update_model_card
+
+        if self.is_world_process_zero() and os.path.isfile(os.path.join(self.args.output_dir, ADAPTER_WEIGHTS)):
+            update_model_card(self.args.output_dir, repo_id=self.hub_model_id, training=self._training_facts(kwargs))
+
+    def _training_facts(self, card_kwargs: dict[str, Any]) -> dict[str, Any]:
+        facts: dict[str, Any] = {"optimizer steps": self.state.global_step}
+        dataset = card_kwargs.get("dataset") or card_kwargs.get("dataset_tags")
+        if dataset:
+            facts["data"] = dataset
+        for entry in self.state.log_history:
+            for key, value in entry.items():
+                if key == "train_loss" or key.startswith("eval_"):
+                    facts[key] = round(value, 4) if isinstance(value, float) else value
+        return facts
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """`Trainer.log` with the SPEFT metrics recorded since the last log (salience time, densities, churn)."""

@@ -139,3 +139,4 @@ def test_push_to_hub_uploads_the_adapter_folder(monkeypatch):
     assert uploaded["repo_id"] == "user/speft-adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(uploaded["files"])
     assert json.loads(uploaded["files"]["adapter_config.json"])["peft_type"] == "SPEFT"
+

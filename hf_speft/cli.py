@@ -1,0 +1,368 @@
+"""`hf-speft`: inspect, merge, calibrate and plot SPEFT adapters from the shell.
+
+Every command reports bad input as one line on stderr with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from typing import Any, Optional
+
+from .hub import ADAPTER_WEIGHTS, AdapterFolderError, human_bytes, summarize_adapter
+
+logger = logging.getLogger(__name__)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------- inspect
+def inspect_command(args: argparse.Namespace) -> None:
+    summary = summarize_adapter(args.adapter_dir)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+        return
+    config = summary.config
+    print(f"adapter:        {summary.path}")
+    print(f"base model:     {config.get('base_model_name_or_path')}")
+    print(f"salience:       {config.get('salience')}   scope: {config.get('mask_scope')}   "
+          f"updates: {config.get('mask_update', 'static')}")
+    print(f"trainable:      {summary.nnz:,} of {summary.targeted:,} targeted weights "
+          f"(density {summary.density:.6f}, LoRA-equivalent rank {summary.matched_lora_rank:.2f})")
+    print(f"dtypes:         {', '.join(f'{k}={v}' for k, v in sorted(summary.dtypes.items()))}")
+    print(f"file:           {human_bytes(summary.file_bytes)} (dense delta {human_bytes(summary.dense_delta_bytes)}, "
+          f"LoRA of the same count {human_bytes(summary.lora_bytes)})")
+    print("\nmodule                                             shape          trainable    density")
+    for module in summary.modules:
+        shape = f"{module.shape[0]}x{module.shape[1]}"
+        print(f"{module.name:50s} {shape:14s} {module.nnz:>9,}    {module.density:.6f}")
+
+
+# ----------------------------------------------------------------------------------------------------------- merge
+def _base_checkpoint(base: str) -> str:
+    if os.path.isdir(base):
+        return base
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as error:  # noqa: BLE001 - any download failure is a user-facing "cannot get the base"
+        raise CliError(f"Cannot find the base model {base!r} locally or on the Hub: {error}") from None
+
+
+def _shards(checkpoint: str) -> list[str]:
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        return ["model.safetensors"]
+    raise CliError(f"{checkpoint!r} holds no safetensors checkpoint (model.safetensors or an index); merge streams "
+                   "safetensors shards. For other formats merge in Python: PeftModel.from_pretrained(...)"
+                   ".merge_and_unload().")
+
+
+def _adapter_deltas(adapter_dir: str) -> dict[str, tuple[Any, Any, tuple[int, int]]]:
+    """module name -> (int64 logical indices, float32 values incl. the residual, (out, in))."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    other = sorted(key for key in tensors if ".speft_" not in key)
+    if other:
+        raise CliError(f"The adapter also holds non-SPEFT tensors ({other[:3]}, e.g. modules_to_save); merge it in "
+                       "Python with PeftModel.from_pretrained(...).merge_and_unload().")
+    deltas = {}
+    for key in tensors:
+        module, attribute = key.rsplit(".", 1)
+        if attribute != "speft_indices":
+            continue
+        indices, values = tensors[key].long(), tensors[f"{module}.speft_values"].float()
+        if f"{module}.speft_residual_indices" in tensors:
+            indices = torch.cat([indices, tensors[f"{module}.speft_residual_indices"].long()])
+            values = torch.cat([values, tensors[f"{module}.speft_residual_values"].float()])
+        shape = tuple(int(v) for v in tensors[f"{module}.speft_weight_shape"].tolist())
+        deltas[module.removeprefix("base_model.model.")] = (indices, values, shape)
+    return deltas
+
+
+def merge_command(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    summarize_adapter(args.adapter_dir)  # validates the folder
+    deltas = _adapter_deltas(args.adapter_dir)
+    checkpoint = _base_checkpoint(args.base)
+    shards = _shards(checkpoint)
+    conv1d = _conv1d_modules(checkpoint)
+    if os.path.abspath(args.out_dir) == os.path.abspath(checkpoint):
+        raise CliError("OUT_DIR must differ from the base checkpoint folder (the base is never overwritten).")
+    os.makedirs(args.out_dir, exist_ok=True)
+    merged = set()
+    for shard in tqdm(shards, desc="merging shards"):
+        out = {}
+        with safe_open(os.path.join(checkpoint, shard), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module in deltas:
+                    tensor = _with_delta(tensor, *deltas[module], name=module, conv1d=module in conv1d)
+                    merged.add(module)
+                out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        save_file(out, os.path.join(args.out_dir, shard), metadata={**metadata, "format": "pt"})
+        del out
+    missing = sorted(set(deltas) - merged)
+    if missing:
+        raise CliError(f"The base checkpoint has no weights for adapter modules {missing[:5]}; is it the base model "
+                       "the adapter was trained on?")
+    for name in os.listdir(checkpoint):
+        source = os.path.join(checkpoint, name)
+        if os.path.isfile(source) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            shutil.copy(source, os.path.join(args.out_dir, name))
+    if dtype is not None and os.path.isfile(os.path.join(args.out_dir, "config.json")):
+        path = os.path.join(args.out_dir, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+    print(f"merged {len(merged)} modules into {len(shards)} shard(s) in {args.out_dir}")
+
+
+def _conv1d_modules(checkpoint: str) -> set[str]:
+    """Names of transformers `Conv1D` modules (weights stored (in, out), e.g. GPT-2) in the checkpoint's architecture,
+    found on an empty (meta-device) model built from its config."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(checkpoint)
+        model_class = getattr(transformers, (config.architectures or [""])[0])
+        with init_empty_weights():
+            model = model_class(config)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _with_delta(weight, indices, values, shape: tuple[int, int], name: str, conv1d: bool):
+    """weight + the sparse delta, computed in fp32; (in, out) weights (GPT-2 Conv1D) are handled."""
+    out_features, in_features = shape
+    if not conv1d and tuple(weight.shape) == (out_features, in_features):
+        positions = indices
+    elif tuple(weight.shape) == (in_features, out_features):
+        rows, cols = indices // in_features, indices % in_features
+        positions = cols * out_features + rows
+    else:
+        raise CliError(f"Module {name!r}: the adapter was trained on a {shape} weight, the base has "
+                       f"{tuple(weight.shape)}.")
+    result = weight.float().clone().reshape(-1)
+    result[positions] += values
+    return result.reshape(weight.shape).to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------- salience
+def _texts(data: str) -> list[str]:
+    """Training texts from a .jsonl file (text, prompt+completion, question+answer), a .txt file, or a dataset."""
+    if os.path.isfile(data):
+        if data.endswith(".jsonl"):
+            texts = []
+            with open(data) as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise CliError(f"{data}, line {number}: not valid JSON.") from None
+                    texts.append(_row_text(row, f"{data}, line {number}"))
+            return texts
+        with open(data) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.sep in data and not os.path.exists(data):
+        raise CliError(f"Data file {data!r} does not exist.")
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(data, split="train")
+    except Exception as error:  # noqa: BLE001 - surfaced as one line
+        raise CliError(f"Cannot load the dataset {data!r}: {error}") from None
+    return [_row_text(row, data) for row in rows]
+
+
+def _row_text(row: dict, where: str) -> str:
+    for fields in (("text",), ("prompt", "completion"), ("question", "answer")):
+        if all(field in row for field in fields):
+            return "".join(str(row[field]) if i == 0 else " " + str(row[field]) for i, field in enumerate(fields))
+    raise CliError(f"{where}: expected a 'text', 'prompt'+'completion' or 'question'+'answer' field; got {sorted(row)}.")
+
+
+def salience_command(args: argparse.Namespace) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import SparsePeftConfig, calibrate
+    from .salience import get_measure
+
+    budget = {name: getattr(args, name) for name in ("density", "num_params", "match_lora_rank")
+              if getattr(args, name) is not None}
+    targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
+    config = SparsePeftConfig(target_modules=targets, salience=args.measure, salience_batches=args.batches,
+                              mask_scope=args.scope, **budget)
+    texts = _texts(args.data)
+    if not texts:
+        raise CliError(f"{args.data!r} holds no text.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    except OSError as error:
+        raise CliError(f"Cannot load the model {args.model!r}: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(texts), args.batch_size):
+        encoded = tokenizer(texts[start:start + args.batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=args.max_length)
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        batches.append({**encoded, "labels": labels})
+    peft_model = get_peft_model(model, config)
+    if not get_measure(args.measure).data_free:  # data-free masks are built inside get_peft_model
+        calibrate(peft_model, batches)
+    peft_model.save_pretrained(args.out)
+    summary = summarize_adapter(args.out)
+    print(f"saved a {args.measure}-salience mask of {summary.nnz:,} weights (density {summary.density:.6f}) to "
+          f"{args.out}; train it with PeftModel.from_pretrained(base, {args.out!r}, is_trainable=True)")
+
+
+# ----------------------------------------------------------------------------------------------------------- plot
+def plot_command(args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'hf-speft[plot]'.") from None
+    import numpy as np
+    from safetensors.torch import load_file
+
+    summary = summarize_adapter(args.adapter_dir)
+    layers: dict[int, dict[str, float]] = {}
+    kinds: list[str] = []
+    for module in summary.modules:
+        match = re.search(r"\.(\d+)\.", f".{module.name}.")
+        layer = int(match.group(1)) if match else -1
+        kind = module.name.rsplit(".", 1)[-1]
+        layers.setdefault(layer, {})[kind] = module.density
+        if kind not in kinds:
+            kinds.append(kind)
+    order = sorted(layers)
+    grid = np.full((len(order), len(kinds)), np.nan)
+    for row, layer in enumerate(order):
+        for column, kind in enumerate(kinds):
+            grid[row, column] = layers[layer].get(kind, np.nan)
+    tensors = load_file(os.path.join(args.adapter_dir, ADAPTER_WEIGHTS))
+    values = np.concatenate([t.float().abs().numpy() for k, t in tensors.items() if k.endswith(".speft_values")])
+
+    figure, (heat, hist) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(order) + 2)))
+    image = heat.imshow(grid, aspect="auto", cmap="viridis")
+    heat.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    heat.set_yticks(range(len(order)), [str(layer) if layer >= 0 else "-" for layer in order])
+    heat.set_xlabel("module")
+    heat.set_ylabel("layer")
+    heat.set_title(f"mask density ({summary.config.get('salience')}, {summary.config.get('mask_scope')})")
+    figure.colorbar(image, ax=heat)
+    hist.hist(values, bins=50, log=True)
+    hist.set_xlabel("|value|")
+    hist.set_ylabel("entries")
+    hist.set_title(f"trained values ({summary.nnz:,} entries)")
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+EXAMPLES = """examples:
+  hf-speft inspect out/adapter
+  hf-speft inspect out/adapter --json
+  hf-speft merge meta-llama/Meta-Llama-3-8B out/adapter merged/ --dtype bf16
+  hf-speft salience ./my-base data/train.jsonl --measure gradient --density 0.005 --out out/mask
+  hf-speft plot out/adapter --out mask.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-speft", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="what a saved adapter holds", epilog="example: hf-speft inspect "
+                                  "out/adapter --json")
+    inspect.add_argument("adapter_dir")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=inspect_command)
+
+    merge = commands.add_parser(
+        "merge", help="write base + adapter as a merged model, shard by shard",
+        epilog="example: hf-speft merge ./base out/adapter merged/ --dtype bf16  (peak memory: about one shard)")
+    merge.add_argument("base", help="base model folder (safetensors) or Hub id")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out_dir")
+    merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="dtype of the merged floating weights (default: keep the base's)")
+    merge.set_defaults(run=merge_command)
+
+    salience = commands.add_parser(
+        "salience", help="calibrate a mask on data and save a ready-to-train adapter",
+        epilog="example: hf-speft salience ./base data.jsonl --measure gradient --density 0.005 --out out/mask")
+    salience.add_argument("model", help="causal LM folder or Hub id (with its tokenizer)")
+    salience.add_argument("data", help=".jsonl (text | prompt+completion | question+answer), .txt, or dataset name")
+    salience.add_argument("--measure", default="gradient")
+    budget = salience.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--density", type=float)
+    budget.add_argument("--num_params", type=int)
+    budget.add_argument("--match_lora_rank", type=int)
+    salience.add_argument("--target_modules", nargs="+", default=["all-linear"])
+    salience.add_argument("--scope", choices=["global", "local"], default="global")
+    salience.add_argument("--batches", type=int, default=64, help="salience batches (default 64)")
+    salience.add_argument("--batch_size", type=int, default=16)
+    salience.add_argument("--max_length", type=int, default=512)
+    salience.add_argument("--out", required=True, help="folder for the adapter")
+    salience.set_defaults(run=salience_command)
+
+    plot = commands.add_parser("plot", help="per-layer x per-module density heatmap and |values| histogram",
+                               epilog="example: hf-speft plot out/adapter --out mask.png")
+    plot.add_argument("adapter_dir")
+    plot.add_argument("--out", default="mask.png")
+    plot.set_defaults(run=plot_command)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args.run(args)
+    except (CliError, AdapterFolderError, ValueError, FileNotFoundError) as error:
+        print(f"hf-speft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `hf-speft inspect DIR | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

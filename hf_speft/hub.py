@@ -1,0 +1,260 @@
+"""What a saved SPEFT adapter holds (`AdapterSummary`, read from its folder alone) and the model card built from it.
+
+peft writes a generic card in `save_pretrained`; `SparsePeftConfig.save_pretrained` (the last thing peft writes)
+calls `update_model_card`, which adds the SPEFT tags and sections to it. So `save_pretrained`, the Trainer's
+checkpoints and `push_to_hub` (this module's, and the Trainer's) carry the card, and `hf-speft inspect` reads the same
+summary. (peft's own `model.push_to_hub` uploads the adapter but replaces README.md with transformers' generic card,
+for every peft method; `hf_speft.push_to_hub` keeps ours.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CARD_START, CARD_END = "<!-- hf-speft card start -->", "<!-- hf-speft card end -->"
+TRAINING_START, TRAINING_END = "<!-- hf-speft training start -->", "<!-- hf-speft training end -->"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4}
+
+
+class AdapterFolderError(ValueError):
+    """A path that is not a readable SPEFT adapter folder."""
+
+
+@dataclass
+class ModuleSummary:
+    """One adapted module of a saved adapter."""
+
+    name: str
+    shape: tuple[int, int]
+    nnz: int
+    residual: int = 0
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class AdapterSummary:
+    """Everything `hf-speft inspect` and the model card report about a saved adapter."""
+
+    path: str
+    config: dict[str, Any]
+    modules: list[ModuleSummary]
+    dtypes: dict[str, str]
+    file_bytes: int
+    values_bytes_per_entry: int
+
+    @property
+    def nnz(self) -> int:
+        return sum(module.nnz for module in self.modules)
+
+    @property
+    def targeted(self) -> int:
+        return sum(module.shape[0] * module.shape[1] for module in self.modules)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.targeted if self.targeted else 0.0
+
+    @property
+    def matched_lora_rank(self) -> float:
+        """The LoRA rank with the same trainable count on the same modules: nnz / Σ(m + n)."""
+        return self.nnz / sum(module.shape[0] + module.shape[1] for module in self.modules)
+
+    @property
+    def dense_delta_bytes(self) -> int:
+        return self.targeted * self.values_bytes_per_entry
+
+    @property
+    def lora_bytes(self) -> int:
+        """File size of a LoRA with the same trainable count, in the same dtype."""
+        return self.nnz * self.values_bytes_per_entry
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for module, entry in zip(self.modules, data["modules"]):
+            entry["density"] = module.density
+        data.update(nnz=self.nnz, targeted=self.targeted, density=self.density,
+                    matched_lora_rank=self.matched_lora_rank, dense_delta_bytes=self.dense_delta_bytes,
+                    lora_bytes=self.lora_bytes)
+        return data
+
+
+def _safetensors_header(path: str) -> dict[str, Any]:
+    """Tensor names, dtypes and shapes from a safetensors header (no tensor data is read)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length <= 0 or length > 100_000_000:
+            raise AdapterFolderError(f"{path} is not a safetensors file.")
+        return json.loads(f.read(length))
+
+
+def summarize_adapter(path: str) -> AdapterSummary:
+    """Read an adapter folder (adapter_config.json + adapter_model.safetensors) into an `AdapterSummary`."""
+    from safetensors import safe_open
+
+    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    for required in (config_path, weights_path):
+        if not os.path.isfile(required):
+            raise AdapterFolderError(f"{path!r} is not a saved adapter folder: {os.path.basename(required)} is missing.")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        header = _safetensors_header(weights_path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
+    if config.get("peft_type") != "SPEFT":
+        raise AdapterFolderError(f"{path!r} holds a {config.get('peft_type')!r} adapter, not a SPEFT one.")
+    modules: dict[str, ModuleSummary] = {}
+    dtypes: dict[str, str] = {}
+    with safe_open(weights_path, framework="pt") as tensors:
+        for key, meta in header.items():
+            if key == "__metadata__" or ".speft_" not in key:
+                continue
+            module, attribute = key.rsplit(".", 1)
+            name = module.removeprefix("base_model.model.")
+            dtypes[attribute] = meta["dtype"]
+            entry = modules.setdefault(name, ModuleSummary(name, (0, 0), 0))
+            if attribute == "speft_weight_shape":
+                entry.shape = tuple(int(v) for v in tensors.get_tensor(key).tolist())
+            elif attribute == "speft_indices":
+                entry.nnz = meta["shape"][0]
+            elif attribute == "speft_residual_indices":
+                entry.residual = meta["shape"][0]
+    if not modules:
+        raise AdapterFolderError(f"{weights_path} holds no SPEFT tensors.")
+    values_dtype = dtypes.get("speft_values", "F32")
+    return AdapterSummary(path=path, config=config, modules=sorted(modules.values(), key=lambda m: _natural(m.name)),
+                          dtypes=dtypes, file_bytes=os.path.getsize(weights_path),
+                          values_bytes_per_entry=_DTYPE_BYTES.get(values_dtype, 4))
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _replace_block(text: str, start: str, end: str, block: Optional[str]) -> str:
+    """`text` with the block between the `start`/`end` markers replaced by `block` (appended if absent)."""
+    if start in text and end in text:
+        before, after = text[: text.index(start)], text[text.index(end) + len(end):]
+        return before + (block or "") + after
+    return text.rstrip() + "\n\n" + block + "\n" if block else text
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and name.count("/") <= 1
+
+
+def card_section(summary: AdapterSummary, repo_id: Optional[str] = None) -> str:
+    """The Markdown SPEFT section of the model card."""
+    config = summary.config
+    base = config.get("base_model_name_or_path") or "the base model"
+    budget = next((f"`{key}={config[key]}`" for key in ("density", "num_params", "match_lora_rank")
+                   if config.get(key) is not None), "unknown")
+    update = config.get("mask_update", "static")
+    if update == "dynamic":
+        update += f" (every {config.get('update_interval')} steps, optimizer reset: {config.get('reset_optimizer')})"
+    lines = [
+        CARD_START,
+        "## SPEFT adapter",
+        "",
+        f"A salience-aware sparse delta (SPEFT, trained with the `hf-speft` library) on `{base}`: θ = θ0 + θ_sp, with θ_sp nonzero only on the {summary.nnz:,} weights "
+        f"({100 * summary.density:.4f}% of the {summary.targeted:,} targeted ones) that the salience measure ranked "
+        "highest.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| salience measure | `{config.get('salience')}` |",
+        f"| mask scope | `{config.get('mask_scope')}` |",
+        f"| mask updates | {update} |",
+        f"| budget | {budget} → {summary.nnz:,} trainable weights |",
+        f"| equivalent LoRA rank | {summary.matched_lora_rank:.2f} (same trainable count on the same modules) |",
+        f"| adapter file | {human_bytes(summary.file_bytes)} (a dense delta: {human_bytes(summary.dense_delta_bytes)}; "
+        f"a LoRA of the same trainable count: {human_bytes(summary.lora_bytes)}) |",
+    ]
+    lines += ["", "### Density per module", "", "| module | shape | trainable | density |", "|---|---|---:|---:|"]
+    lines += [f"| `{m.name}` | {m.shape[0]}×{m.shape[1]} | {m.nnz:,} | {m.density:.5f} |" for m in summary.modules]
+    source = repo_id or "<this repository or folder>"
+    lines += [
+        "",
+        "### Loading",
+        "",
+        "```python",
+        "import hf_speft  # registers SPEFT with peft",
+        "from peft import AutoPeftModel",
+        f'model = AutoPeftModel.from_pretrained("{source}")',
+        "```",
+        CARD_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_model_card(path: str, repo_id: Optional[str] = None, training: Optional[dict[str, Any]] = None,
+                      base_model: Optional[str] = None) -> ModelCard:
+    """Add (or refresh) the SPEFT metadata and section of the README.md in an adapter folder and return the card.
+
+    `base_model` overrides the config's `base_model_name_or_path`; a local path is not written as `base_model`
+    metadata (the Hub rejects it), only into the text. `training` (e.g. steps, losses, metrics, data) fills a separate
+    block that later saves without it leave as it is.
+    """
+    summary = summarize_adapter(path)
+    if base_model:
+        summary.config["base_model_name_or_path"] = base_model
+    readme = os.path.join(path, "README.md")
+    card = ModelCard.load(readme) if os.path.exists(readme) else ModelCard.from_template(ModelCardData())
+    card.data.library_name = "peft"
+    base = summary.config.get("base_model_name_or_path")
+    if _is_hub_id(base):
+        card.data.base_model = base
+    elif not _is_hub_id(card.data.base_model):  # keep a Hub id set earlier (e.g. by an override)
+        card.data.base_model = None
+    # peft tags the base as "base_model:adapter:<id>"; drop such tags that carry no Hub id (local or empty paths).
+    tags = {tag for tag in card.data.tags or [] if not tag.startswith("base_model:") or _is_hub_id(tag.split(":")[-1])}
+    tags |= {"peft", "speft", "hf-speft", "sparse-fine-tuning", f"salience:{summary.config.get('salience')}"}
+    card.data.tags = sorted(tags)
+    card.text = _replace_block(card.text, CARD_START, CARD_END, card_section(summary, repo_id))
+    if training:
+        lines = [TRAINING_START, "### Training", ""] + [f"- {key}: {value}" for key, value in training.items()]
+        card.text = _replace_block(card.text, TRAINING_START, TRAINING_END, "\n".join(lines + [TRAINING_END]))
+    card.save(readme)
+    return card
+
+
+def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                commit_message: str = "Upload SPEFT adapter", base_model: Optional[str] = None,
+                training: Optional[dict[str, Any]] = None):
+    """Publish a SPEFT `PeftModel`'s adapter folder (config, safetensors, model card) to the Hub; returns the commit.
+
+    An existing card in the repo keeps its text; the SPEFT metadata and sections are added or refreshed.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            remote = ModelCard.load(repo_id, token=token)
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            remote = None
+        model.save_pretrained(folder)
+        if remote is not None:
+            remote.save(os.path.join(folder, "README.md"))
+        update_model_card(folder, repo_id=repo_id, training=training, base_model=base_model)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

@@ -1,0 +1,174 @@
+"""The model card and the `hf-speft` command line (inspect, merge, salience, plot), all offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+from huggingface_hub import ModelCard
+from peft import PeftModel, get_peft_model
+from test_trl import word_tokenizer
+from trainer_helpers import base_model, speft_model, speft_trainer
+from transformers import AutoModelForCausalLM
+
+from hf_speft import SparsePeftConfig, sparse_layers
+from hf_speft.cli import main
+from hf_speft.hub import push_to_hub, summarize_adapter, update_model_card
+
+
+BODY = ["q_proj", "v_proj", "up_proj", "down_proj"]  # no lm_head: peft would save its base weight too
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = speft_model(salience="magnitude", init_weights=False, target_modules=BODY)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_saved_adapter_carries_a_speft_model_card(adapter_dir):
+    card = ModelCard.load(adapter_dir / "README.md")
+    summary = summarize_adapter(str(adapter_dir))
+    assert card.data.library_name == "peft"
+    assert {"peft", "speft", "sparse-fine-tuning", "salience:magnitude"} <= set(card.data.tags)
+    assert card.data.base_model is None  # built from a config: no Hub id to point at
+    for module in summary.modules:
+        assert f"| `{module.name}` | {module.shape[0]}×{module.shape[1]} | {module.nnz:,} |" in card.text
+    assert f"{summary.nnz:,} trainable weights" in card.text
+    # Refreshing is idempotent, a Hub id becomes base_model metadata, training facts stay on later saves.
+    update_model_card(str(adapter_dir), base_model="org/base-model", training={"train_loss": 1.5})
+    update_model_card(str(adapter_dir))
+    card = ModelCard.load(adapter_dir / "README.md")
+    assert card.data.base_model == "org/base-model"
+    assert card.text.count("## SPEFT adapter") == 1 and "- train_loss: 1.5" in card.text
+
+
+def test_push_to_hub_publishes_adapter_and_card(monkeypatch, tmp_path):
+    """Everything up to the network call is real; only the Hub API calls are replaced."""
+    import huggingface_hub
+
+    uploaded = {}
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = {path.name: path.read_bytes() for path in Path(folder_path).iterdir()}
+        return "commit"
+
+    def no_remote_card(*args, **kwargs):
+        raise huggingface_hub.errors.EntryNotFoundError("the new repo has no README.md yet")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://hf.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", no_remote_card)
+    model = speft_model(salience="magnitude", target_modules=BODY)
+    assert push_to_hub(model, "user/speft-adapter", base_model="org/base", training={"data": "counting"}) == "commit"
+
+    assert uploaded["repo_id"] == "user/speft-adapter"
+    assert set(uploaded["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    card = ModelCard(uploaded["files"]["README.md"].decode())
+    assert card.data.library_name == "peft" and card.data.base_model == "org/base"
+    assert {"peft", "speft", "sparse-fine-tuning", "salience:magnitude"} <= set(card.data.tags)
+    assert 'AutoPeftModel.from_pretrained("user/speft-adapter")' in card.text and "- data: counting" in card.text
+
+
+def test_trainer_model_card_has_training_facts(tmp_path):
+    trainer = speft_trainer(speft_model(), tmp_path, max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(dataset="counting")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "## SPEFT adapter" in card.text
+    assert "- optimizer steps: 2" in card.text and "- data: counting" in card.text and "train_loss" in card.text
+
+
+def test_inspect_text_and_json(adapter_dir, capsys):
+    assert main(["inspect", str(adapter_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    model = speft_model(salience="magnitude", target_modules=BODY)
+    assert data["nnz"] == sum(layer.speft_values["default"].numel() for layer in sparse_layers(model).values())
+    assert data["config"]["salience"] == "magnitude" and len(data["modules"]) == len(sparse_layers(model))
+    assert main(["inspect", str(adapter_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA-equivalent rank" in out and "model.layers.0.self_attn.q_proj" in out
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["plot"], ["merge", "base"]])
+def test_missing_or_corrupt_adapter_is_a_clean_error(tmp_path, capsys, command):
+    extra = [str(tmp_path / "out")] if command[0] == "merge" else []
+    assert main([*command, str(tmp_path / "nowhere"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json is missing" in err and "Traceback" not in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    assert main([*command, str(tmp_path / "bad"), *extra]) == 2
+    assert "Cannot read the adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2-conv1d"])
+def test_merge_streams_shards_and_equals_merge_and_unload(tmp_path, family):
+    torch.manual_seed(0)
+    base = base_model() if family == "llama" else tiny_gpt2()
+    targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["c_attn", "c_proj"]
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").exists()  # really several shards
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), SparsePeftConfig(
+        target_modules=targets, density=0.1, salience="magnitude", init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reference = model.merge_and_unload().eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "half"),
+                 "--dtype", "bf16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "half").dtype == torch.bfloat16
+
+
+def test_merge_refuses_a_different_base(tmp_path, adapter_dir, capsys):
+    tiny_gpt2().save_pretrained(tmp_path / "other")
+    assert main(["merge", str(tmp_path / "other"), str(adapter_dir), str(tmp_path / "merged")]) == 2
+    assert "no weights for adapter modules" in capsys.readouterr().err
+
+
+def test_salience_command_saves_a_trainable_mask(tmp_path, capsys):
+    base_model().save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    rows = [{"prompt": f"count : {i} {i + 1}", "completion": f" {i + 2} {i + 3}"} for i in range(12)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    command = ["salience", str(tmp_path / "model"), str(tmp_path / "data.jsonl"), "--measure", "gradient",
+               "--num_params", "100", "--batches", "2", "--batch_size", "4", "--out", str(tmp_path / "mask"),
+               "--target_modules", "q_proj", "v_proj"]
+    assert main(command) == 0
+    loaded = PeftModel.from_pretrained(base_model(), tmp_path / "mask", is_trainable=True)
+    assert sum(layer.speft_values["default"].numel() for layer in sparse_layers(loaded).values()) == 100
+    assert summarize_adapter(str(tmp_path / "mask")).config["salience"] == "gradient"
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n")
+    bad = command.copy()
+    bad[2] = str(tmp_path / "bad.jsonl")
+    assert main(bad) == 2
+    assert "bad.jsonl, line 2: not valid JSON" in capsys.readouterr().err
+    bad[2], bad[4] = str(tmp_path / "data.jsonl"), "gradientt"
+    assert main(bad) == 2
+    assert "not a registered measure" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(adapter_dir, tmp_path):
+    assert main(["plot", str(adapter_dir), "--out", str(tmp_path / "mask.png")]) == 0
+    assert (tmp_path / "mask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "hf-speft"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for command in ("inspect", "merge", "salience", "plot"):
+        assert command in result.stdout
+    assert "examples:" in result.stdout
