@@ -14,6 +14,7 @@ import shutil
 import sys
 from typing import Any, Optional
 
+from .data import read_jsonl
 from .hub import ADAPTER_WEIGHTS, AdapterFolderError, human_bytes, summarize_adapter
 
 logger = logging.getLogger(__name__)
@@ -178,17 +179,7 @@ def _texts(data: str) -> list[str]:
     """Training texts from a .jsonl file (text, prompt+completion, question+answer), a .txt file, or a dataset."""
     if os.path.isfile(data):
         if data.endswith(".jsonl"):
-            texts = []
-            with open(data) as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise CliError(f"{data}, line {number}: not valid JSON.") from None
-                    texts.append(_row_text(row, f"{data}, line {number}"))
-            return texts
+            return [_row_text(row, f"{data}, line {number}") for number, row in read_jsonl(data)]
         with open(data) as f:
             return [line.rstrip("\n") for line in f if line.strip()]
     if os.path.sep in data and not os.path.exists(data):

@@ -11,7 +11,7 @@ probe P (output += x·Pᵀ), whose gradient is the weight gradient and can be di
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -22,10 +22,10 @@ from .context import SalienceContext
 
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The mean loss the model returns for a batch; a clear error if the batch carries no labels."""
-    outputs = model(**batch) if isinstance(batch, dict) else model(batch)
+    outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
     loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
     if loss is None:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
         raise ValueError(
             f"The model returned no loss for a salience batch with keys {keys}; data-dependent salience needs "
             "batches with `labels` (e.g. from DataCollatorForLanguageModeling or a labelled classification set)."

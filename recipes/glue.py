@@ -1,0 +1,215 @@
+"""Fine-tune a sequence classifier on a GLUE task with SPEFT, LoRA, PiSSA or full fine-tuning at a matched budget and
+report the task's GLUE metrics on the dev split.
+
+    python recipes/glue.py --model_name_or_path prajjwal1/bert-tiny --task sst2 --method speft --output_dir out/sst2
+    python recipes/glue.py --model_name_or_path ./minilm --task sst2 --dataset_path ../shared/data/sst2 ...
+
+`--dataset_path DIR` reads DIR/train.{tsv,jsonl} and DIR/dev.{tsv,jsonl} (tsv with a header row) with GLUE's column
+names and a `label` column; otherwise `datasets.load_dataset("glue", TASK)`. The classifier head is trained in every
+method. Results go to OUTPUT_DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainingArguments)
+from trl import TrlParser
+
+import hf_speft
+from hf_speft.data import read_jsonl
+from hf_speft.methods import METHODS, SPEFT_BUDGETS, check_method_options, prepare_model
+
+# task -> (text columns, number of labels, metrics)
+TASKS = {
+    "sst2": (("sentence", None), 2, ("accuracy",)),
+    "mrpc": (("sentence1", "sentence2"), 2, ("accuracy", "f1")),
+    "rte": (("sentence1", "sentence2"), 2, ("accuracy",)),
+    "cola": (("sentence", None), 2, ("matthews_correlation",)),
+    "qnli": (("question", "sentence"), 2, ("accuracy",)),
+    "qqp": (("question1", "question2"), 2, ("accuracy", "f1")),
+    "mnli": (("premise", "hypothesis"), 3, ("accuracy",)),
+    "stsb": (("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
+}
+
+
+@dataclass
+class GlueArguments:
+    model_name_or_path: str = field(metadata={"help": "Encoder checkpoint (Hub id or folder)."})
+    task: str = field(default="sst2", metadata={"help": f"One of {sorted(TASKS)}."})
+    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
+    dataset_path: Optional[str] = field(default=None, metadata={"help": "Folder with train/dev .tsv or .jsonl."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per example."})
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"],
+                                      metadata={"help": "Modules adapted by SPEFT/LoRA/PiSSA."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA/PiSSA rank, and SPEFT's matched budget by default."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA/PiSSA alpha."})
+    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
+    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
+    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
+    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
+    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches."})
+    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
+    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
+    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget (default: --lora_r)."})
+
+
+class RecipeError(ValueError):
+    """Bad arguments or data, reported before any work as one line and exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def read_split(folder: str, split: str, task: str) -> list[dict]:
+    """Rows of DIR/<split>.tsv or .jsonl; a clear error naming the file and line for a malformed row."""
+    columns = [column for column in TASKS[task][0] if column] + ["label"]
+    for extension in ("tsv", "jsonl"):
+        path = os.path.join(folder, f"{split}.{extension}")
+        if os.path.isfile(path):
+            break
+    else:
+        raise RecipeError(f"{os.path.join(folder, split)}.tsv (or .jsonl) does not exist.")
+    with open(path, newline="") as f:
+        if extension == "tsv":
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = [(number, row) for number, row in enumerate(reader, start=2)]
+        else:
+            rows = list(read_jsonl(path))
+    examples = []
+    for number, row in rows:
+        missing = [column for column in columns if row.get(column) in (None, "")]
+        if missing:
+            raise RecipeError(f"{path}, line {number}: missing {missing} (task {task} needs {columns}).")
+        try:
+            label = float(row["label"]) if task == "stsb" else int(row["label"])
+        except ValueError:
+            raise RecipeError(f"{path}, line {number}: label {row['label']!r} is not a number.") from None
+        examples.append({**{column: row[column] for column in columns[:-1]}, "label": label})
+    if not examples:
+        raise RecipeError(f"{path} holds no examples.")
+    return examples
+
+
+def load_glue(args: GlueArguments) -> tuple[list[dict], list[dict]]:
+    if args.dataset_path:
+        return read_split(args.dataset_path, "train", args.task), read_split(args.dataset_path, "dev", args.task)
+    data = load_dataset("glue", args.task)
+    return list(data["train"]), list(data["validation_matched" if args.task == "mnli" else "validation"])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum()) / denominator if denominator else 0.0
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank), as Spearman's correlation needs."""
+    order = torch.argsort(values)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(len(values), dtype=values.dtype)
+    for value in torch.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def glue_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The task's GLUE metrics: accuracy, binary F1, Matthews correlation, Pearson/Spearman."""
+    results = {}
+    for name in TASKS[task][2]:
+        if name in ("pearson", "spearmanr"):
+            x, y = predictions.double(), labels.double()
+            results[name] = _pearson(x, y) if name == "pearson" else _pearson(_ranks(x), _ranks(y))
+            continue
+        tp = int(((predictions == 1) & (labels == 1)).sum())
+        tn = int(((predictions == 0) & (labels == 0)).sum())
+        fp = int(((predictions == 1) & (labels == 0)).sum())
+        fn = int(((predictions == 0) & (labels == 1)).sum())
+        if name == "accuracy":
+            results[name] = float((predictions == labels).double().mean())
+        elif name == "f1":
+            results[name] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        else:
+            denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+            results[name] = (tp * tn - fp * fn) / denominator if denominator else 0.0
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def check_arguments(args: GlueArguments) -> None:
+    if args.task not in TASKS:
+        raise RecipeError(f"--task {args.task!r} is not allowed; use one of {sorted(TASKS)}.")
+    check_method_options(args.method, **{name: getattr(args, name) for name in SPEFT_BUDGETS})
+
+
+def adapted_model(model, args: GlueArguments):
+    """The classifier with the method's trainable parameters (its head is trained in every method)."""
+    return prepare_model(model, args.method, target_modules=args.target_modules, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, task_type="SEQ_CLS", salience=args.salience,
+                         mask_scope=args.mask_scope, mask_update=args.mask_update,
+                         update_interval=args.update_interval, salience_batches=args.salience_batches,
+                         **{name: getattr(args, name) for name in SPEFT_BUDGETS})
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, training_args = TrlParser((GlueArguments, TrainingArguments)).parse_args_and_config(argv)
+    try:
+        check_arguments(args)
+        train_rows, dev_rows = load_glue(args)
+    except ValueError as error:  # the library's argument and file checks
+        raise RecipeError(str(error)) from None
+    first, second = TASKS[args.task][0]
+    num_labels = TASKS[args.task][1]
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+    def tokenized(rows: list[dict]) -> Dataset:
+        encoded = tokenizer([row[first] for row in rows], [row[second] for row in rows] if second else None,
+                            truncation=True, max_length=args.max_length)
+        return Dataset.from_dict({**encoded, "labels": [row["label"] for row in rows]})
+
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
+    model = adapted_model(model, args)
+    trainer_class = hf_speft.SpeftTrainer if args.method == "speft" else Trainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=tokenized(train_rows),
+                            eval_dataset=tokenized(dev_rows), data_collator=DataCollatorWithPadding(tokenizer))
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    print(f"[{args.method}] trainable parameters: {trainable:,}", flush=True)
+    trainer.save_model(training_args.output_dir)
+
+    prediction = trainer.predict(tokenized(dev_rows))
+    logits = torch.as_tensor(prediction.predictions)
+    predictions = logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)
+    metrics = glue_metrics(args.task, predictions, torch.as_tensor(prediction.label_ids))
+    results = {"task": args.task, "method": args.method, "metrics": metrics, "num_eval": len(dev_rows),
+               "trainable_params": trainable, "train_time_s": train_time,
+               "world_size": trainer.accelerator.num_processes, "config": asdict(args)}
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(metrics), flush=True)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=f"glue/{args.task}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as error:
+        print(f"glue.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,222 @@
+"""Fine-tune a causal LM on GSM8K with SPEFT, LoRA, PiSSA or full fine-tuning at a matched budget, then score greedy
+answers on the test split with lm-eval-harness's two GSM8K metrics (strict-match and flexible-extract).
+
+    python recipes/gsm8k.py --model_name_or_path Qwen/Qwen2-0.5B --method speft --output_dir out/speft
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/gsm8k.py --config cfg.yaml
+    python recipes/gsm8k.py --model_name_or_path ./tiny --dataset_path ../shared/data/gsm8k --method lora \\
+        --lora_r 8 --eval_limit 50 --output_dir out/lora
+
+Budgets: LoRA and PiSSA train r·(m+n) weights per targeted matrix; SPEFT uses `--match_lora_rank` (default: the same
+`--lora_r`), or `--density` / `--num_params`. Every method prints its trainable count. Results (metrics, config,
+trainable parameters, train time, peak memory) go to OUTPUT_DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
+
+import hf_speft
+from hf_speft.data import read_jsonl
+from hf_speft.methods import METHODS, SPEFT_BUDGETS, check_method_options, prepare_model
+
+PROMPT = "Question: {question}\nAnswer:"
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORED = [re.compile(pattern) for pattern in (",", r"\$", r"(?s).*#### ", r"\.$")]
+
+
+@dataclass
+class ScriptArguments:
+    """What the recipe adds to trl's `SFTConfig` and `ModelConfig` (which bring `--lora_r`, `--lora_alpha`,
+    `--lora_target_modules`, `--load_in_8bit`, `--load_in_4bit`, ...)."""
+
+    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
+    dataset_path: Optional[str] = field(
+        default=None, metadata={"help": "Folder with train.jsonl/test.jsonl in GSM8K format (default: the Hub)."})
+    dataset_name: str = field(default="openai/gsm8k", metadata={"help": "Hub dataset (config 'main')."})
+    eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate the first N test problems only."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per test problem."})
+    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
+    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
+    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
+    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
+    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches (paper: 64 x 16)."})
+    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
+    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
+    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
+                                                                           "(default: --lora_r)."})
+
+
+class RecipeError(ValueError):
+    """Bad arguments or data, reported before any work as one line and exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def read_gsm8k_jsonl(path: str) -> list[dict[str, str]]:
+    """Rows of a GSM8K-format jsonl file; a clear error naming the file and line for anything malformed."""
+    rows = []
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise RecipeError(f"{path}, line {number}: needs string fields 'question' and 'answer'.")
+        if STRICT.search(row["answer"]) is None:
+            raise RecipeError(f"{path}, line {number}: the answer has no final '#### <number>' line.")
+        rows.append({"question": row["question"], "answer": row["answer"]})
+    if not rows:
+        raise RecipeError(f"{path} holds no problems.")
+    return rows
+
+
+def load_gsm8k(args: ScriptArguments) -> tuple[list[dict], list[dict]]:
+    if args.dataset_path:
+        return (read_gsm8k_jsonl(os.path.join(args.dataset_path, "train.jsonl")),
+                read_gsm8k_jsonl(os.path.join(args.dataset_path, "test.jsonl")))
+    data = load_dataset(args.dataset_name, "main")
+    return list(data["train"]), list(data["test"])
+
+
+def prompt_completion(rows: list[dict]) -> Dataset:
+    return Dataset.from_list([{"prompt": PROMPT.format(question=row["question"]), "completion": " " + row["answer"]}
+                              for row in rows])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def normalize(text: str) -> str:
+    """lm-eval-harness's GSM8K answer normalisation: drop ',', '$', everything up to '#### ', a final '.'."""
+    for pattern in IGNORED:
+        text = pattern.sub("", text)
+    return text.strip()
+
+
+def strict_answer(output: str) -> Optional[str]:
+    """strict-match: the number after the first '#### '."""
+    match = STRICT.search(output)
+    return match.group(1) if match else None
+
+
+def flexible_answer(output: str) -> Optional[str]:
+    """flexible-extract: the last number in the output."""
+    matches = FLEXIBLE.findall(output)
+    if not matches:
+        return None
+    return next(group for group in matches[-1] if group)
+
+
+def score(outputs: list[str], answers: list[str]) -> dict[str, float]:
+    """strict-match and flexible-extract accuracy of generated `outputs` against GSM8K `answers`, and their mean."""
+    gold = [normalize(answer) for answer in answers]
+
+    def accuracy(extract) -> float:
+        hits = [(found := extract(output)) is not None and normalize(found) == target
+                for output, target in zip(outputs, gold)]
+        return sum(hits) / len(hits)
+
+    strict, flexible = accuracy(strict_answer), accuracy(flexible_answer)
+    return {"strict_match": strict, "flexible_extract": flexible, "average": (strict + flexible) / 2}
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def check_arguments(args: ScriptArguments, model_args: ModelConfig) -> None:
+    check_method_options(args.method, **{name: getattr(args, name) for name in SPEFT_BUDGETS})
+    if args.method == "full" and (model_args.load_in_8bit or model_args.load_in_4bit):
+        raise ValueError("Full fine-tuning cannot train 8-bit or 4-bit weights; drop --load_in_8bit/--load_in_4bit.")
+
+
+def adapted_model(model, args: ScriptArguments, model_args: ModelConfig):
+    """The model with the method's trainable parameters (full fine-tuning: the model itself)."""
+    return prepare_model(model, args.method, target_modules=model_args.lora_target_modules or "all-linear",
+                         lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                         lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM", salience=args.salience,
+                         mask_scope=args.mask_scope, mask_update=args.mask_update,
+                         update_interval=args.update_interval, salience_batches=args.salience_batches,
+                         **{name: getattr(args, name) for name in SPEFT_BUDGETS})
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        prompts = [PROMPT.format(question=row["question"]) for row in rows[start:start + batch_size]]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        outputs += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outputs
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
+    args, training_args, model_args = parser.parse_args_and_config(argv)
+    try:
+        check_arguments(args, model_args)
+        train_rows, test_rows = load_gsm8k(args)
+    except ValueError as error:  # the library's argument and file checks
+        raise RecipeError(str(error)) from None
+    test_rows = test_rows[: args.eval_limit] if args.eval_limit else test_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    quantization = get_quantization_config(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=model_args.dtype or "auto", quantization_config=quantization,
+        attn_implementation=model_args.attn_implementation)
+    model = adapted_model(model, args, model_args)
+    trainer_class = hf_speft.SpeftSFTTrainer if args.method == "speft" else SFTTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=prompt_completion(train_rows),
+                            processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    print(f"[{args.method}] trainable parameters: {trainable:,}", flush=True)
+    trainer.save_model(training_args.output_dir)
+
+    results: dict = {}
+    if trainer.accelerator.is_main_process:
+        outputs = generate_answers(trainer.model, tokenizer, test_rows, args.max_new_tokens,
+                                   training_args.per_device_eval_batch_size)
+        results = {
+            "method": args.method,
+            "metrics": score(outputs, [row["answer"] for row in test_rows]),
+            "num_eval": len(test_rows),
+            "trainable_params": trainable,
+            "train_time_s": train_time,
+            "peak_memory_bytes": peak_memory_bytes(),
+            "world_size": trainer.accelerator.num_processes,
+            "config": {"script": asdict(args), "model": asdict(model_args)},
+        }
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(json.dumps(results["metrics"]), flush=True)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name="gsm8k")
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as error:
+        print(f"gsm8k.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,166 @@
+"""recipes/gsm8k.py: answer extraction, data and argument errors, and the recipe end to end for every method (one
+process and two)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "gsm8k.py"
+spec = importlib.util.spec_from_file_location("gsm8k_recipe", RECIPE)
+gsm8k = sys.modules["gsm8k_recipe"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gsm8k)
+
+PROBLEMS = [
+    {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+    for a, b in [(3, 4), (10, 5), (7, 8), (2, 9), (6, 6), (12, 1), (4, 4), (9, 3)]
+]
+
+
+@pytest.mark.parametrize(("output", "strict", "flexible"), [
+    ("so the total is 1,000 dollars.\n#### 1,000", "1,000", "1,000"),
+    ("It costs $1,000.", None, "$1,000."),
+    ("The change is -5 degrees. #### -5", "-5", "-5"),
+    ("He runs 2.5 miles then 3.75 miles.", None, "3.75"),
+    ("I do not know.", None, None),
+])
+def test_answer_extraction(output, strict, flexible):
+    assert gsm8k.strict_answer(output) == strict
+    assert gsm8k.flexible_answer(output) == flexible
+
+
+def test_score_normalises_like_lm_eval():
+    answers = ["... \n#### 1000", "#### -5", "#### 3", "#### 42"]
+    outputs = ["#### 1,000", "it is -5.", "no number", "#### 41 but really 42"]
+    metrics = gsm8k.score(outputs, answers)
+    assert metrics["strict_match"] == 1 / 4  # only "#### 1,000" (commas ignored)
+    assert metrics["flexible_extract"] == 3 / 4  # 1,000 / -5. / 42
+    assert metrics["average"] == pytest.approx(0.5)
+
+
+def write_dataset(folder: Path, rows=PROBLEMS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"question": "q", "answer": "#### 1"}\n{broken\n', "line 2: not valid JSON"),
+    ('{"question": "q"}\n', "line 1: needs string fields"),
+    ('{"question": "q", "answer": "no final line"}\n', "line 1: the answer has no final '#### <number>' line"),
+])
+def test_malformed_data_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        gsm8k.read_gsm8k_jsonl(str(tmp_path / "train.jsonl"))
+    with pytest.raises(ValueError, match="does not exist"):
+        gsm8k.read_gsm8k_jsonl(str(tmp_path / "test.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama and a byte-level BPE tokenizer trained on the problems, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [gsm8k.PROMPT.format(question=row["question"]) + " " + row["answer"] for row in PROBLEMS]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 eos_token_id=1, pad_token_id=0, bos_token_id=None)).save_pretrained(folder)
+    return folder
+
+
+def recipe_args(model_dir: Path, data_dir: Path, output_dir: Path, method: str, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model_dir), "--dataset_path", str(data_dir), "--method", method,
+            "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "4", "--learning_rate", "1e-2", "--eval_limit", "3",
+            "--max_new_tokens", "6", "--lora_r", "2", "--lora_target_modules", "q_proj", "v_proj",
+            "--salience_batches", "2", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
+            "--bf16", "False", "--logging_steps", "1", *extra]
+
+
+@pytest.mark.parametrize("method", ["speft", "lora", "pissa", "full"])
+def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
+    data = write_dataset(tmp_path / "data")
+    results = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", method))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["method"] == method and saved["num_eval"] == 3 and saved["world_size"] == 1
+    assert set(saved["metrics"]) == {"strict_match", "flexible_extract", "average"}
+    assert all(0 <= value <= 1 for value in saved["metrics"].values())
+    assert saved["train_time_s"] > 0 and saved["peak_memory_bytes"] > 0
+    assert saved["config"]["script"]["method"] == method and results["trainable_params"] == saved["trainable_params"]
+    if method == "full":
+        assert saved["trainable_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir).parameters())
+        return
+    # LoRA, PiSSA (rank 2) and SPEFT (match_lora_rank=2) train the same number of weights on q_proj/v_proj.
+    lora_count = 2 * sum(2 * (32 + out) for out in (32, 16))
+    assert saved["trainable_params"] == lora_count
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n or "speft_" in n) == lora_count
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--method", "prefix"], "--method 'prefix' is not allowed"),
+    (["--method", "lora", "--density", "0.01"], "--density sets a SPEFT budget"),
+    (["--density", "0.01", "--num_params", "10"], "Give one SPEFT budget"),
+])
+def test_bad_arguments_fail_before_work(tmp_path, tiny_model_dir, extra, message):
+    data = write_dataset(tmp_path / "data")
+    with pytest.raises(gsm8k.RecipeError, match=message):
+        gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", "speft") + extra)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_dataset_file_is_a_clean_exit(tmp_path, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    result = subprocess.run([sys.executable, str(RECIPE), *recipe_args(tiny_model_dir, tmp_path / "data",
+                                                                       tmp_path / "out", "speft")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "train.jsonl does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_on_two_processes(tmp_path, tiny_model_dir):
+    data = write_dataset(tmp_path / "data")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(RECIPE), *recipe_args(tiny_model_dir, data, tmp_path / "out", "speft")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["world_size"] == 2
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+
+
+@pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
+                                            ("deepspeed_zero3_offload", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(RECIPE.parent / "accelerate_configs" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind
+    if kind == "DEEPSPEED":  # ZeRO-3 must gather the adapter on save, or checkpoints hold empty tensors
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True
