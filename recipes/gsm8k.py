@@ -201,6 +201,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "num_eval": len(test_rows),
             "trainable_params": trainable,
             "train_time_s": train_time,
+            "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,
             "config": {"script": asdict(args), "model": asdict(model_args)},
