@@ -229,3 +229,15 @@ def test_calibration_dataset_and_errors(tmp_path):
         trainer.train()
         masks.append(torch.cat([i for i, _ in masks_and_values(model).values()]))
     assert not torch.equal(*masks)
+
+
+def test_stock_evaluation_runs_during_training(tmp_path):
+    model = speft_model()
+    trainer = hf_speft.SpeftTrainer(model=model, args=training_args(tmp_path, max_steps=4, eval_strategy="steps",
+                                                                    eval_steps=2),
+                                    train_dataset=counting_dataset(), eval_dataset=counting_dataset(16, seed=7),
+                                    data_collator=default_data_collator)
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]  # training helps the held-out loss
