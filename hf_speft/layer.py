@@ -49,6 +49,18 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
     )
 
 
+def is_quantized(base_layer: nn.Module) -> bool:
+    """A bitsandbytes 8-bit/4-bit base (checked by class name, so bitsandbytes is imported only when present)."""
+    return type(getattr(base_layer, "weight", None)).__name__ in ("Int8Params", "Params4bit")
+
+
+@dataclass
+class _QuantizedOriginal:
+    """The quantized weight (and 8-bit state) a merge replaced; restored as is by `unmerge`."""
+
+    state: tuple
+
+
 def _positions_in(sorted_reference: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """For each entry of `query`, its position in the sorted, unique `sorted_reference`, or -1 if absent."""
     if sorted_reference.numel() == 0:
@@ -93,7 +105,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_fold_weights: dict[str, bool] = {}
         self.speft_uncalibrated: set[str] = set()
         self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
-        self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor] | _QuantizedOriginal] = {}
         self._folded: Optional[_FoldedDelta] = None
 
     # ----------------------------------------------------------------- adapter state
@@ -291,6 +303,9 @@ class SparsePeftLayer(BaseTunerLayer):
             if adapter_name not in self.speft_values:
                 continue
             self.check_calibrated(adapter_name)
+            if is_quantized(self.get_base_layer()):
+                self._merge_quantized(adapter_name, safe_merge)
+                continue
             indices, values = self.delta_entries(adapter_name)
             flat, positions = self._flat_weight(), self.storage_positions(indices)
             original = flat[positions]
@@ -310,8 +325,29 @@ class SparsePeftLayer(BaseTunerLayer):
             return
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
-            positions, original = self._merge_originals.pop(adapter_name)
+            saved = self._merge_originals.pop(adapter_name)
+            if isinstance(saved, _QuantizedOriginal):
+                from .integrations.bnb import restore_quantization_state
+
+                restore_quantization_state(self.get_base_layer(), saved.state)
+                continue
+            positions, original = saved
             self._flat_weight()[positions] = original
+
+    def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> None:
+        """Dequantize, add the delta, requantize (warns); the original quantized weight is kept for `unmerge`."""
+        from .integrations.bnb import dequantized_weight, quantization_state, write_requantized
+
+        base_layer = self.get_base_layer()
+        original = _QuantizedOriginal(quantization_state(base_layer))  # before dequantizing, which moves state
+        weight = dequantized_weight(base_layer)
+        indices, values = self.delta_entries(adapter_name)
+        weight.view(-1)[indices] += values.float()
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        self._merge_originals[adapter_name] = original
+        write_requantized(base_layer, weight)
+        self.merged_adapters.append(adapter_name)
 
     # ----------------------------------------------------------------- fold_weights speed mode
     def _fold(self, adapter_name: str) -> None:

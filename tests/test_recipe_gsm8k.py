@@ -155,3 +155,13 @@ def test_accelerate_configs_load(name, kind):
     assert config.distributed_type.value == kind
     if kind == "DEEPSPEED":  # ZeRO-3 must gather the adapter on save, or checkpoints hold empty tensors
         assert config.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def test_recipe_speft_on_an_8bit_base(tmp_path, tiny_model_dir):
+    data = write_dataset(tmp_path / "data")
+    results = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", "speft", "--load_in_8bit", "True"))
+    assert results["trainable_params"] == 2 * sum(2 * (32 + out) for out in (32, 16))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SPEFT"
+    # The adapter trained on the 8-bit base loads on the unquantized base (the exact-merge path).
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")

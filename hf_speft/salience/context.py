@@ -20,9 +20,7 @@ def logical_weight(module: nn.Module) -> torch.Tensor:
     """The (out_features, in_features) effective weight of a targeted module: base plus unmerged active deltas."""
     if isinstance(module, SparsePeftLayer):
         module._unfold()
-        base = module.get_base_layer()
-        weight = base.weight.detach()
-        weight = (weight.t() if module.fan_in_fan_out else weight).float()
+        weight = _base_weight(module.get_base_layer(), module.fan_in_fan_out)
         if module.merged or module.disable_adapters:
             return weight
         deltas = [name for name in module.active_adapters if name in module.speft_values]
@@ -34,8 +32,19 @@ def logical_weight(module: nn.Module) -> torch.Tensor:
             indices, values = module.delta_entries(name)
             flat[indices] += values.float()
         return weight
-    weight = module.weight.detach()
-    return (weight.t() if isinstance(module, Conv1D) else weight).float()
+    return _base_weight(module, isinstance(module, Conv1D))
+
+
+def _base_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
+    """The (out, in) float32 weight of a plain or bitsandbytes-quantized (dequantized, a copy) base layer."""
+    from ..layer import is_quantized
+
+    if is_quantized(base_layer):
+        from ..integrations.bnb import dequantized_weight
+
+        return dequantized_weight(base_layer)
+    weight = base_layer.weight.detach()
+    return (weight.t() if transposed else weight).float()
 
 
 @dataclass

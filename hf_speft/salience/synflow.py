@@ -87,6 +87,13 @@ def synflow(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """|W ⊙ ∂R/∂W| of the synaptic-flow objective (see the module docstring)."""
     if ctx.model is None:
         raise ValueError("synflow needs the model; pass it to compute_salience.")
+    from ..layer import is_quantized
+
+    quantized = [name for name, module in ctx.layers.items()
+                 if is_quantized(module.get_base_layer() if hasattr(module, "get_base_layer") else module)]
+    if quantized:
+        raise ValueError(f"synflow replaces every weight by its absolute value, which quantized (bitsandbytes) "
+                         f"weights such as {quantized[0]!r} cannot do; use another measure (e.g. 'gradient').")
     grads: dict[str, torch.Tensor] = {}
 
     def store(name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:

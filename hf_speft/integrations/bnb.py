@@ -1,0 +1,58 @@
+"""bitsandbytes 8-bit and 4-bit base layers: dequantised reads, and merges by dequantise → add → requantise.
+
+SPEFT layers wrap `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` like any `nn.Linear`: the forward calls the quantized
+base layer and adds the sparse correction, so training never dequantises or copies a weight. This module is only
+imported when a quantized base is met.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+def dequantized_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The (out_features, in_features) weight of a quantized layer as a float32 copy."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(base_layer).detach().float()
+
+
+def quantization_state(base_layer: nn.Module) -> tuple[Any, ...]:
+    """What restoring the layer exactly needs: the weight parameter and, for 8-bit layers, the int8 matrices and
+    scales held by the weight and by the layer's state (bitsandbytes moves them between the two)."""
+    weight, state = base_layer.weight, getattr(base_layer, "state", None)
+    return (weight, getattr(weight, "CB", None), getattr(weight, "SCB", None), getattr(state, "CB", None),
+            getattr(state, "SCB", None))
+
+
+def restore_quantization_state(base_layer: nn.Module, saved: tuple[Any, ...]) -> None:
+    weight, weight_cb, weight_scb, state_cb, state_scb = saved
+    base_layer.weight = weight
+    if hasattr(base_layer, "state"):
+        weight.CB, weight.SCB = weight_cb, weight_scb
+        base_layer.state.CB, base_layer.state.SCB = state_cb, state_scb
+
+
+def write_requantized(base_layer: nn.Module, weight: torch.Tensor) -> None:
+    """Replace the layer's weight by `weight` (float, (out, in)) quantized the same way; warns that rounding may
+    erase part of a sparse delta (merge into an unquantized copy of the base to keep it exactly)."""
+    import bitsandbytes as bnb
+
+    warnings.warn(
+        "Merging a SPEFT delta into a quantized base requantizes the weight: rounding may change or erase small "
+        "deltas. For an exact merge, load the base unquantized and merge there (or use `hf-speft merge`).",
+        stacklevel=3,
+    )
+    old = base_layer.weight
+    if type(old).__name__ == "Int8Params":
+        base_layer.weight = bnb.nn.Int8Params(
+            weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+        ).to(old.device)
+        base_layer.state.reset_grads()
+    else:
+        options = {key: getattr(old, key) for key in ("blocksize", "compress_statistics", "quant_type",
+                                                      "quant_storage", "module") if hasattr(old, key)}
+        base_layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, **options).to(old.device)
