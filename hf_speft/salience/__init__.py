@@ -12,6 +12,7 @@ from torch import nn
 
 from . import data_free, gradients, synflow
 from .context import SalienceContext, logical_weight
+from .distributed import averaged_across_processes
 from .registry import available_measures, get_measure, register_salience
 
 logger = logging.getLogger(__name__)
@@ -55,25 +56,10 @@ def _run_measure(measure: str, ctx: SalienceContext) -> dict[str, torch.Tensor]:
         raise ValueError(f"Salience measure {measure!r} needs data; pass a dataloader yielding batches with labels.")
     start = time.perf_counter()
     scores = _checked_scores(measure, spec.fn(ctx), ctx)
-    if not spec.data_free:
-        scores = _averaged_across_processes(scores)
+    if not spec.data_free:  # built-ins already reduce their raw statistics; this keeps any measure rank-identical
+        scores = averaged_across_processes(scores)
     logger.info("salience %r over %d modules took %.2fs", measure, len(ctx.layers), time.perf_counter() - start)
     return scores
-
-
-def _averaged_across_processes(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Under torch.distributed (DDP), average every rank's scores so all ranks select the same mask."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return scores
-    needs_cuda = dist.get_backend() == "nccl"
-    averaged = {}
-    for name, value in scores.items():
-        buffer = value.float().to("cuda" if needs_cuda else value.device)
-        dist.all_reduce(buffer)
-        averaged[name] = (buffer / dist.get_world_size()).to(device=value.device, dtype=value.dtype)
-    return averaged
 
 
 def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) -> tuple[SalienceContext, str]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .context import SalienceContext
+from .distributed import averaged_across_processes, summed_across_processes
 
 
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -96,7 +97,7 @@ def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
             sums[name] = grad
 
     _run_backward_passes(ctx, accumulate, "salience (gradients)")
-    return {name: sums[name] / ctx.num_batches for name in ctx.layers}
+    return averaged_across_processes({name: sums[name] / ctx.num_batches for name in ctx.layers})
 
 
 def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
@@ -118,7 +119,9 @@ def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tenso
             counts["samples"] += batch_size
 
     _run_backward_passes(ctx, accumulate, "salience (per-sample gradients)")
-    return {name: sums[name] / counts["samples"] for name in ctx.layers}
+    sums = summed_across_processes({name: sums[name] for name in ctx.layers})
+    samples = summed_across_processes({"samples": torch.tensor(float(counts["samples"]))})["samples"]
+    return {name: value / samples.item() for name, value in sums.items()}
 
 
 @contextlib.contextmanager
@@ -180,7 +183,7 @@ def hessian_gradient_products(ctx: SalienceContext, direction: dict[str, torch.T
             for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
                 product = torch.zeros_like(probes[name]) if product is None else product.detach()
                 sums[name] = sums[name] + product if name in sums else product
-    return {name: sums[name] / ctx.num_batches for name in ctx.layers}
+    return averaged_across_processes({name: sums[name] / ctx.num_batches for name in ctx.layers})
 
 
 def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device:
