@@ -1,7 +1,13 @@
-"""The fine-tuning methods the recipes compare at a matched budget: SPEFT, LoRA, PiSSA and full fine-tuning."""
+"""What the recipes share: the fine-tuning methods they compare at a matched budget (SPEFT, LoRA, PiSSA, full
+fine-tuning) and how they report bad input (one line, exit code 2, before any work)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from torch import nn
@@ -10,34 +16,84 @@ METHODS = ("speft", "lora", "pissa", "full")
 SPEFT_BUDGETS = ("density", "num_params", "match_lora_rank")
 
 
-def check_method_options(method: str, **budget: Optional[float]) -> None:
-    """A ValueError for an unknown method, a SPEFT budget given to another method, or more than one SPEFT budget."""
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r} is not allowed; use one of {METHODS}.")
-    given = [name for name in SPEFT_BUDGETS if budget.get(name) is not None]
-    if method != "speft" and given:
-        raise ValueError(f"--{given[0]} sets a SPEFT budget; it does not apply to --method {method} (LoRA and PiSSA "
-                         "use --lora_r).")
-    if len(given) > 1:
-        raise ValueError(f"Give one SPEFT budget, not {', '.join('--' + name for name in given)}.")
+@dataclass
+class MethodArguments:
+    """The method a recipe trains with, and SPEFT's options (command-line flags of the same names)."""
+
+    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
+    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
+    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
+    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
+    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
+    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches (paper: 64 x 16)."})
+    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
+    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
+    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
+                                                                           "(default: --lora_r)."})
+
+    def check(self) -> None:
+        """A ValueError for an unknown method, a SPEFT budget given to another method, or two SPEFT budgets."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not allowed; use one of {METHODS}.")
+        given = [name for name in SPEFT_BUDGETS if getattr(self, name) is not None]
+        if self.method != "speft" and given:
+            raise ValueError(f"--{given[0]} sets a SPEFT budget; it does not apply to --method {self.method} (LoRA "
+                             "and PiSSA use --lora_r).")
+        if len(given) > 1:
+            raise ValueError(f"Give one SPEFT budget, not {', '.join('--' + name for name in given)}.")
 
 
-def prepare_model(model: nn.Module, method: str, *, target_modules: Any, lora_r: int, lora_alpha: int,
-                  task_type: str, lora_dropout: float = 0.0, **speft_options: Any) -> nn.Module:
-    """`model` ready to train with `method`: full fine-tuning returns it as is; LoRA and PiSSA (peft, rank `lora_r`)
-    and SPEFT (`speft_options` are `SparsePeftConfig` fields; the budget defaults to `match_lora_rank=lora_r`) wrap
-    it with `get_peft_model`. The trainable counts of LoRA, PiSSA and SPEFT are then equal."""
+def prepare_model(model: nn.Module, args: MethodArguments, *, target_modules: Any, lora_r: int, lora_alpha: int,
+                  task_type: str, lora_dropout: float = 0.0) -> nn.Module:
+    """`model` ready to train with `args.method`: full fine-tuning returns it as is; LoRA and PiSSA (peft, rank
+    `lora_r`) and SPEFT (budget defaulting to `match_lora_rank=lora_r`) wrap it with `get_peft_model`, so the
+    trainable counts of LoRA, PiSSA and SPEFT are equal."""
     from peft import LoraConfig, get_peft_model
 
     from .config import SparsePeftConfig
 
-    if method == "full":
+    if args.method == "full":
         return model
-    if method in ("lora", "pissa"):
+    if args.method in ("lora", "pissa"):
         return get_peft_model(model, LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-            init_lora_weights="pissa_niter_4" if method == "pissa" else True, task_type=task_type))
-    options = {key: value for key, value in speft_options.items() if value is not None}
-    if not any(name in options for name in SPEFT_BUDGETS):
-        options["match_lora_rank"] = lora_r
-    return get_peft_model(model, SparsePeftConfig(target_modules=target_modules, task_type=task_type, **options))
+            init_lora_weights="pissa_niter_4" if args.method == "pissa" else True, task_type=task_type))
+    budget = {name: getattr(args, name) for name in SPEFT_BUDGETS if getattr(args, name) is not None}
+    return get_peft_model(model, SparsePeftConfig(
+        target_modules=target_modules, task_type=task_type, salience=args.salience, mask_scope=args.mask_scope,
+        mask_update=args.mask_update, update_interval=args.update_interval, salience_batches=args.salience_batches,
+        **(budget or {"match_lora_rank": lora_r})))
+
+
+def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
+    """Run `trainer.train()`, print the trainable count (budgets are visibly matched) and save the model (an
+    adapter for the peft methods) to the output folder; returns (train seconds, trainable parameters)."""
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    print(f"[{method}] trainable parameters: {trainable:,}", flush=True)
+    trainer.save_model(trainer.args.output_dir)
+    return seconds, trainable
+
+
+class RecipeError(ValueError):
+    """Bad arguments or data, reported before any work as one line and exit code 2."""
+
+
+@contextlib.contextmanager
+def user_input_checks() -> Iterator[None]:
+    """Turn the ValueErrors of argument and data checks inside the block into `RecipeError`s."""
+    try:
+        yield
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+
+
+def run_recipe(main: Callable[[], Any], name: str) -> None:
+    """Run a recipe's `main`; a `RecipeError` becomes one line on stderr and exit code 2 (no traceback)."""
+    try:
+        main()
+    except RecipeError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -15,8 +15,6 @@ import csv
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -28,7 +26,8 @@ from trl import TrlParser
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import METHODS, SPEFT_BUDGETS, check_method_options, prepare_model
+from hf_speft.methods import (MethodArguments, RecipeError, prepare_model, run_recipe, train_and_save,
+                              user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -47,25 +46,12 @@ TASKS = {
 class GlueArguments:
     model_name_or_path: str = field(metadata={"help": "Encoder checkpoint (Hub id or folder)."})
     task: str = field(default="sst2", metadata={"help": f"One of {sorted(TASKS)}."})
-    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
     dataset_path: Optional[str] = field(default=None, metadata={"help": "Folder with train/dev .tsv or .jsonl."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example."})
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"],
                                       metadata={"help": "Modules adapted by SPEFT/LoRA/PiSSA."})
     lora_r: int = field(default=8, metadata={"help": "LoRA/PiSSA rank, and SPEFT's matched budget by default."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA/PiSSA alpha."})
-    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
-    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
-    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
-    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
-    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches."})
-    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
-    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
-    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget (default: --lora_r)."})
-
-
-class RecipeError(ValueError):
-    """Bad arguments or data, reported before any work as one line and exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -147,28 +133,18 @@ def glue_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> 
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def check_arguments(args: GlueArguments) -> None:
+def check_arguments(args: GlueArguments, method: MethodArguments) -> None:
     if args.task not in TASKS:
-        raise RecipeError(f"--task {args.task!r} is not allowed; use one of {sorted(TASKS)}.")
-    check_method_options(args.method, **{name: getattr(args, name) for name in SPEFT_BUDGETS})
-
-
-def adapted_model(model, args: GlueArguments):
-    """The classifier with the method's trainable parameters (its head is trained in every method)."""
-    return prepare_model(model, args.method, target_modules=args.target_modules, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, task_type="SEQ_CLS", salience=args.salience,
-                         mask_scope=args.mask_scope, mask_update=args.mask_update,
-                         update_interval=args.update_interval, salience_batches=args.salience_batches,
-                         **{name: getattr(args, name) for name in SPEFT_BUDGETS})
+        raise ValueError(f"--task {args.task!r} is not allowed; use one of {sorted(TASKS)}.")
+    method.check()
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, training_args = TrlParser((GlueArguments, TrainingArguments)).parse_args_and_config(argv)
-    try:
-        check_arguments(args)
+    args, method, training_args = TrlParser((GlueArguments, MethodArguments, TrainingArguments)).parse_args_and_config(
+        argv)
+    with user_input_checks():
+        check_arguments(args, method)
         train_rows, dev_rows = load_glue(args)
-    except ValueError as error:  # the library's argument and file checks
-        raise RecipeError(str(error)) from None
     first, second = TASKS[args.task][0]
     num_labels = TASKS[args.task][1]
 
@@ -180,24 +156,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return Dataset.from_dict({**encoded, "labels": [row["label"] for row in rows]})
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
-    model = adapted_model(model, args)
-    trainer_class = hf_speft.SpeftTrainer if args.method == "speft" else Trainer
+    model = prepare_model(model, method, target_modules=args.target_modules, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the classifier head trains in all
+    trainer_class = hf_speft.SpeftTrainer if method.method == "speft" else Trainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=tokenized(train_rows),
                             eval_dataset=tokenized(dev_rows), data_collator=DataCollatorWithPadding(tokenizer))
-    start = time.perf_counter()
-    trainer.train()
-    train_time = time.perf_counter() - start
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(f"[{args.method}] trainable parameters: {trainable:,}", flush=True)
-    trainer.save_model(training_args.output_dir)
+    train_time, trainable = train_and_save(trainer, method.method)
 
     prediction = trainer.predict(tokenized(dev_rows))
     logits = torch.as_tensor(prediction.predictions)
     predictions = logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)
     metrics = glue_metrics(args.task, predictions, torch.as_tensor(prediction.label_ids))
-    results = {"task": args.task, "method": args.method, "metrics": metrics, "num_eval": len(dev_rows),
+    results = {"task": args.task, "method": method.method, "metrics": metrics, "num_eval": len(dev_rows),
                "trainable_params": trainable, "train_time_s": train_time,
-               "world_size": trainer.accelerator.num_processes, "config": asdict(args)}
+               "world_size": trainer.accelerator.num_processes,
+               "config": {"script": asdict(args), "method": asdict(method)}}
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -208,8 +181,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        print(f"glue.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_recipe(main, "glue.py")

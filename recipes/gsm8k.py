@@ -17,8 +17,6 @@ import json
 import os
 import re
 import resource
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -29,7 +27,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import METHODS, SPEFT_BUDGETS, check_method_options, prepare_model
+from hf_speft.methods import (MethodArguments, RecipeError, prepare_model, run_recipe, train_and_save,
+                              user_input_checks)
 
 PROMPT = "Question: {question}\nAnswer:"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -39,28 +38,14 @@ IGNORED = [re.compile(pattern) for pattern in (",", r"\$", r"(?s).*#### ", r"\.$
 
 @dataclass
 class ScriptArguments:
-    """What the recipe adds to trl's `SFTConfig` and `ModelConfig` (which bring `--lora_r`, `--lora_alpha`,
-    `--lora_target_modules`, `--load_in_8bit`, `--load_in_4bit`, ...)."""
+    """What the recipe adds to `MethodArguments` (--method and SPEFT's options), trl's `SFTConfig` and `ModelConfig`
+    (which bring `--lora_r`, `--lora_alpha`, `--lora_target_modules`, `--load_in_8bit`, `--load_in_4bit`, ...)."""
 
-    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
     dataset_path: Optional[str] = field(
         default=None, metadata={"help": "Folder with train.jsonl/test.jsonl in GSM8K format (default: the Hub)."})
     dataset_name: str = field(default="openai/gsm8k", metadata={"help": "Hub dataset (config 'main')."})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate the first N test problems only."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per test problem."})
-    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
-    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
-    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
-    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
-    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches (paper: 64 x 16)."})
-    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
-    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
-    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
-                                                                           "(default: --lora_r)."})
-
-
-class RecipeError(ValueError):
-    """Bad arguments or data, reported before any work as one line and exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -127,20 +112,10 @@ def score(outputs: list[str], answers: list[str]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def check_arguments(args: ScriptArguments, model_args: ModelConfig) -> None:
-    check_method_options(args.method, **{name: getattr(args, name) for name in SPEFT_BUDGETS})
-    if args.method == "full" and (model_args.load_in_8bit or model_args.load_in_4bit):
+def check_arguments(method: MethodArguments, model_args: ModelConfig) -> None:
+    method.check()
+    if method.method == "full" and (model_args.load_in_8bit or model_args.load_in_4bit):
         raise ValueError("Full fine-tuning cannot train 8-bit or 4-bit weights; drop --load_in_8bit/--load_in_4bit.")
-
-
-def adapted_model(model, args: ScriptArguments, model_args: ModelConfig):
-    """The model with the method's trainable parameters (full fine-tuning: the model itself)."""
-    return prepare_model(model, args.method, target_modules=model_args.lora_target_modules or "all-linear",
-                         lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                         lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM", salience=args.salience,
-                         mask_scope=args.mask_scope, mask_update=args.mask_update,
-                         update_interval=args.update_interval, salience_batches=args.salience_batches,
-                         **{name: getattr(args, name) for name in SPEFT_BUDGETS})
 
 
 def peak_memory_bytes() -> int:
@@ -164,13 +139,11 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, ba
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
-    args, training_args, model_args = parser.parse_args_and_config(argv)
-    try:
-        check_arguments(args, model_args)
+    parser = TrlParser((ScriptArguments, MethodArguments, SFTConfig, ModelConfig))
+    args, method, training_args, model_args = parser.parse_args_and_config(argv)
+    with user_input_checks():
+        check_arguments(method, model_args)
         train_rows, test_rows = load_gsm8k(args)
-    except ValueError as error:  # the library's argument and file checks
-        raise RecipeError(str(error)) from None
     test_rows = test_rows[: args.eval_limit] if args.eval_limit else test_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
@@ -180,23 +153,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=model_args.dtype or "auto", quantization_config=quantization,
         attn_implementation=model_args.attn_implementation)
-    model = adapted_model(model, args, model_args)
-    trainer_class = hf_speft.SpeftSFTTrainer if args.method == "speft" else SFTTrainer
+    model = prepare_model(model, method, target_modules=model_args.lora_target_modules or "all-linear",
+                          lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                          lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM")
+    trainer_class = hf_speft.SpeftSFTTrainer if method.method == "speft" else SFTTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=prompt_completion(train_rows),
                             processing_class=tokenizer)
-    start = time.perf_counter()
-    trainer.train()
-    train_time = time.perf_counter() - start
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(f"[{args.method}] trainable parameters: {trainable:,}", flush=True)
-    trainer.save_model(training_args.output_dir)
+    train_time, trainable = train_and_save(trainer, method.method)
 
     results: dict = {}
     if trainer.accelerator.is_main_process:
         outputs = generate_answers(trainer.model, tokenizer, test_rows, args.max_new_tokens,
                                    training_args.per_device_eval_batch_size)
         results = {
-            "method": args.method,
+            "method": method.method,
             "metrics": score(outputs, [row["answer"] for row in test_rows]),
             "num_eval": len(test_rows),
             "trainable_params": trainable,
@@ -204,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,
-            "config": {"script": asdict(args), "model": asdict(model_args)},
+            "config": {"script": asdict(args), "method": asdict(method), "model": asdict(model_args)},
         }
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
@@ -216,8 +186,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        print(f"gsm8k.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_recipe(main, "gsm8k.py")

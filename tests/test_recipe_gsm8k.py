@@ -98,7 +98,7 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
     assert set(saved["metrics"]) == {"strict_match", "flexible_extract", "average"}
     assert all(0 <= value <= 1 for value in saved["metrics"].values())
     assert saved["train_time_s"] > 0 and saved["peak_memory_bytes"] > 0
-    assert saved["config"]["script"]["method"] == method and results["trainable_params"] == saved["trainable_params"]
+    assert saved["config"]["method"]["method"] == method and results["trainable_params"] == saved["trainable_params"]
     if method == "full":
         assert saved["trainable_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
             tiny_model_dir).parameters())
