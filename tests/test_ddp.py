@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TESTS = Path(__file__).parent
@@ -28,6 +29,7 @@ def run_two_processes(out_dir, mode: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_agree_on_masks_and_values(tmp_path):
     run_two_processes(tmp_path, "train")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
@@ -41,6 +43,7 @@ def test_ddp_two_processes_agree_on_masks_and_values(tmp_path):
     assert sum(values.abs().sum() for _, values in first.values()) > 0
 
 
+@pytest.mark.slow
 def test_two_process_salience_equals_one_process_over_the_same_samples(tmp_path):
     """Each rank scores half the batches; the averaged scores select the mask one process selects from all."""
     from ddp_worker import calibrated_masks, salience_batches

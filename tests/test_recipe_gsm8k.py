@@ -131,6 +131,7 @@ def test_missing_dataset_file_is_a_clean_exit(tmp_path, tiny_model_dir):
     assert "train.jsonl does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_recipe_on_two_processes(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path / "data")
     with socket.socket() as sock:
