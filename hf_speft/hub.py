@@ -91,18 +91,9 @@ class AdapterSummary:
         return data
 
 
-def _safetensors_header(path: str) -> dict[str, Any]:
-    """Tensor names, dtypes and shapes from a safetensors header (no tensor data is read)."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if length <= 0 or length > 100_000_000:
-            raise AdapterFolderError(f"{path} is not a safetensors file.")
-        return json.loads(f.read(length))
-
-
 def summarize_adapter(path: str) -> AdapterSummary:
     """Read an adapter folder (adapter_config.json + adapter_model.safetensors) into an `AdapterSummary`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for required in (config_path, weights_path):
@@ -111,27 +102,30 @@ def summarize_adapter(path: str) -> AdapterSummary:
     try:
         with open(config_path) as f:
             config = json.load(f)
-        header = _safetensors_header(weights_path)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
     if config.get("peft_type") != "SPEFT":
         raise AdapterFolderError(f"{path!r} holds a {config.get('peft_type')!r} adapter, not a SPEFT one.")
     modules: dict[str, ModuleSummary] = {}
     dtypes: dict[str, str] = {}
-    with safe_open(weights_path, framework="pt") as tensors:
-        for key, meta in header.items():
-            if key == "__metadata__" or ".speft_" not in key:
-                continue
-            module, attribute = key.rsplit(".", 1)
-            name = module.removeprefix("base_model.model.")
-            dtypes[attribute] = meta["dtype"]
-            entry = modules.setdefault(name, ModuleSummary(name, (0, 0), 0))
-            if attribute == "speft_weight_shape":
-                entry.shape = tuple(int(v) for v in tensors.get_tensor(key).tolist())
-            elif attribute == "speft_indices":
-                entry.nnz = meta["shape"][0]
-            elif attribute == "speft_residual_indices":
-                entry.residual = meta["shape"][0]
+    try:
+        with safe_open(weights_path, framework="pt") as tensors:  # reads the header, and the tiny shape tensors
+            for key in tensors.keys():
+                if ".speft_" not in key:
+                    continue
+                module, attribute = key.rsplit(".", 1)
+                name = module.removeprefix("base_model.model.")
+                entry = modules.setdefault(name, ModuleSummary(name, (0, 0), 0))
+                tensor = tensors.get_slice(key)
+                dtypes[attribute] = tensor.get_dtype()
+                if attribute == "speft_weight_shape":
+                    entry.shape = tuple(int(v) for v in tensors.get_tensor(key).tolist())
+                elif attribute == "speft_indices":
+                    entry.nnz = tensor.get_shape()[0]
+                elif attribute == "speft_residual_indices":
+                    entry.residual = tensor.get_shape()[0]
+    except (OSError, SafetensorError) as error:
+        raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
     if not modules:
         raise AdapterFolderError(f"{weights_path} holds no SPEFT tensors.")
     values_dtype = dtypes.get("speft_values", "F32")

@@ -109,6 +109,10 @@ def test_missing_or_corrupt_adapter_is_a_clean_error(tmp_path, capsys, command):
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
     assert main([*command, str(tmp_path / "bad"), *extra]) == 2
     assert "Cannot read the adapter" in capsys.readouterr().err
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "SPEFT"}')  # config fine, weights not
+    assert main([*command, str(tmp_path / "bad"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot read the adapter" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2-conv1d"])
