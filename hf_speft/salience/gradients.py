@@ -11,7 +11,7 @@ probe P (output += x·Pᵀ), whose gradient is the weight gradient and can be di
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -35,12 +35,32 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Forward hooks registered on (module, hook) pairs for the block, removed afterwards (also on errors)."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _adding(matrix: torch.Tensor) -> Callable:
+    """A forward hook that adds x·matrixᵀ to the output, as if `matrix` were added to the weight."""
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + nn.functional.linear(args[0], matrix.to(args[0].dtype))
+
+    return hook
+
+
+@contextlib.contextmanager
 def captured_gradients(
     ctx: SalienceContext, on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None]
 ) -> Iterator[None]:
     """Call `on_gradient(name, x, grad_out)` for every target during backward passes run inside the block."""
     probe = torch.zeros((), requires_grad=True)
-    handles = []
 
     def forward_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -51,13 +71,8 @@ def captured_gradients(
 
         return hook
 
-    try:
-        for name, module in ctx.layers.items():
-            handles.append(module.register_forward_hook(forward_hook(name)))
+    with forward_hooks((module, forward_hook(name)) for name, module in ctx.layers.items()):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -127,23 +142,10 @@ def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tenso
 @contextlib.contextmanager
 def _weight_probes(ctx: SalienceContext) -> Iterator[dict[str, torch.Tensor]]:
     """Zero (out, in) probes added to every target's weight (output += x·Pᵀ) inside the block."""
-    probes, handles = {}, []
-
-    def forward_hook(probe: torch.Tensor):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + nn.functional.linear(args[0], probe.to(args[0].dtype))
-
-        return hook
-
-    try:
-        for name, module in ctx.layers.items():
-            weight = ctx.weight(name)
-            probes[name] = torch.zeros(ctx.shape(name), device=weight.device, requires_grad=True)
-            handles.append(module.register_forward_hook(forward_hook(probes[name])))
+    probes = {name: torch.zeros(ctx.shape(name), device=ctx.weight(name).device, requires_grad=True)
+              for name in ctx.layers}
+    with forward_hooks((ctx.layers[name], _adding(probe)) for name, probe in probes.items()):
         yield probes
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -231,23 +233,13 @@ FORCE_ROUNDS = 5
 @contextlib.contextmanager
 def _kept_only(ctx: SalienceContext, kept: dict[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block every target computes with W ⊙ kept (output −= x·(W ⊙ ¬kept)ᵀ), the base left untouched."""
-    handles = []
 
-    def forward_hook(removed: torch.Tensor):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output - nn.functional.linear(args[0], removed.to(args[0].dtype))
+    def removal(name: str) -> Callable:
+        weight = ctx.weight(name)
+        return _adding(-weight.masked_fill(kept[name].to(weight.device), 0.0))
 
-        return hook
-
-    try:
-        for name, module in ctx.layers.items():
-            weight = ctx.weight(name)
-            removed = weight.masked_fill(kept[name].to(weight.device), 0.0)
-            handles.append(module.register_forward_hook(forward_hook(removed)))
+    with forward_hooks((module, removal(name)) for name, module in ctx.layers.items()):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def force(ctx: SalienceContext) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .context import SalienceContext
-from .gradients import captured_gradients, frozen_eval, merged_deltas
+from .gradients import captured_gradients, forward_hooks, frozen_eval, merged_deltas
 
 _NOT_ACTIVATIONS = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention)
 SYNFLOW_SEQUENCE_LENGTH = 16
@@ -31,13 +31,9 @@ def _is_activation(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def _linearised(model: nn.Module) -> Iterator[None]:
     """Activation modules return their input inside the block."""
-    handles = [module.register_forward_hook(lambda module, args, output: args[0])
-               for module in model.modules() if _is_activation(module)]
-    try:
+    with forward_hooks((module, lambda module, args, output: args[0])
+                       for module in model.modules() if _is_activation(module)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
