@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -83,8 +83,9 @@ class MaskUpdater:
 
     Args:
         model: A `PeftModel` with a SPEFT adapter (not a DDP/accelerate wrapper: pass the unwrapped model).
-        dataloader: Batches with labels for salience. A dynamic update calls its `set_epoch(update_number)` if it
-            has one, so give the updater its own dataloader, not the training loop's.
+        dataloader: Batches with labels for salience, or a function that builds them (called on first need only).
+            A dynamic update calls its `set_epoch(update_number)` if it has one, so give the updater its own
+            dataloader, not the training loop's.
         adapter_name: The adapter to calibrate and update (default: the active one).
         show_progress: Show a progress bar over the salience batches.
 
@@ -102,19 +103,30 @@ class MaskUpdater:
     def __init__(
         self,
         model: nn.Module,
-        dataloader: Optional[Iterable[Any]],
+        dataloader: Optional[Iterable[Any] | Callable[[], Iterable[Any]]],
         adapter_name: Optional[str] = None,
         show_progress: bool = True,
     ) -> None:
         self.tuner = speft_tuner(model)
         self.show_progress = show_progress
         self.model = model
-        self.dataloader = dataloader
+        self._dataloader = dataloader
         self.adapter_name = adapter_name or self.tuner.active_adapters[0]
         if self.adapter_name not in self.tuner.peft_config:
             raise ValueError(f"No SPEFT adapter named {self.adapter_name!r}; have {sorted(self.tuner.peft_config)}.")
         self.config = self.tuner.peft_config[self.adapter_name]
         self._metrics: dict[str, float] = {}
+
+    @property
+    def dataloader(self) -> Optional[Iterable[Any]]:
+        """The salience batches; a factory given instead is called once, when salience first needs them."""
+        if callable(self._dataloader) and not isinstance(self._dataloader, Iterable):
+            self._dataloader = self._dataloader()
+        return self._dataloader
+
+    @dataloader.setter
+    def dataloader(self, dataloader: Optional[Iterable[Any]]) -> None:
+        self._dataloader = dataloader
 
     @property
     def needs_calibration(self) -> bool:
@@ -224,7 +236,8 @@ class SpeftTrainerMixin:
         """The `MaskUpdater` of the model's active SPEFT adapter, fed by `get_calibration_dataloader()`."""
         if self._mask_updater is None:
             show_progress = not self.args.disable_tqdm and self.is_local_process_zero()
-            self._mask_updater = MaskUpdater(self.model, self.get_calibration_dataloader(), show_progress=show_progress)
+            # The dataloader is built only if salience runs (not for an already calibrated, static adapter).
+            self._mask_updater = MaskUpdater(self.model, self.get_calibration_dataloader, show_progress=show_progress)
         return self._mask_updater
 
     def get_calibration_dataloader(self):

@@ -241,3 +241,14 @@ def test_stock_evaluation_runs_during_training(tmp_path):
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
     assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]  # training helps the held-out loss
+
+
+def test_calibrated_static_adapter_builds_no_calibration_dataloader(tmp_path, monkeypatch):
+    trainer = speft_trainer(speft_model(salience="magnitude"), tmp_path, max_steps=2)
+
+    def unexpected():
+        raise AssertionError("a calibrated static adapter needs no salience batches")
+
+    monkeypatch.setattr(trainer, "get_calibration_dataloader", unexpected)
+    trainer.train()
+    assert trainer.state.global_step == 2
