@@ -96,6 +96,12 @@ class SparsePeftModel(BaseTuner):
         if get_measure(config.salience).data_free and not low_cpu_mem_usage:
             self.set_masks(adapter_name, compute_adapter_salience(self, adapter_name))
 
+    def adapter_budget(self, adapter_name: str) -> int:
+        """The number of weights the adapter's configured budget trains across its SPEFT layers."""
+        layers = sparse_layers(self.model, adapter_name)
+        shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
+        return self.peft_config[adapter_name].total_budget(shapes)
+
     def set_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, int]:
         """Select the configured budget from per-layer `scores` (keyed like `sparse_layers`) and install the masks.
 
@@ -103,8 +109,8 @@ class SparsePeftModel(BaseTuner):
         """
         config: SparsePeftConfig = self.peft_config[adapter_name]
         layers = self._scored_layers(adapter_name, scores)
-        budget = config.total_budget([(layer.out_features, layer.in_features) for layer in layers.values()])
-        masks = select_mask({name: scores[name] for name in layers}, budget, config.mask_scope)
+        masks = select_mask({name: scores[name] for name in layers}, self.adapter_budget(adapter_name),
+                            config.mask_scope)
         generator = torch.Generator().manual_seed(config.seed)
         for name, layer in layers.items():
             layer.set_mask(adapter_name, masks[name], init_weights=config.init_weights, generator=generator)

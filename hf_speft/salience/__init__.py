@@ -73,7 +73,7 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
     layers = sparse_layers(tuner.model, adapter_name)
     ctx = SalienceContext(
         layers=layers,
-        budget=config.total_budget([(layer.out_features, layer.in_features) for layer in layers.values()]),
+        budget=tuner.adapter_budget(adapter_name),
         model=peft_model,
         num_batches=config.salience_batches,
         dtype=_DTYPES[config.salience_dtype],
@@ -119,8 +119,7 @@ def compute_salience(
         tuner = speft_tuner(model)
         layers = sparse_layers(tuner.model, adapter_name)
         if budget is None and adapter_name in tuner.peft_config:
-            shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
-            budget = tuner.peft_config[adapter_name].total_budget(shapes)
+            budget = tuner.adapter_budget(adapter_name)
     else:
         layers = _matched_targets(model, target_modules)
     ctx = SalienceContext(layers=layers, model=model, dataloader=dataloader, num_batches=num_batches, dtype=dtype,
