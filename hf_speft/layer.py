@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .ops import SparsePattern, sparse_delta
+from .ops import SparsePattern, index_dtype_for, sparse_delta
 
 if TYPE_CHECKING:
     from .config import SparsePeftConfig
@@ -30,11 +30,6 @@ UNCALIBRATED_MESSAGE = (
     "`hf_speft.calibrate(model, dataloader)` (or train with `hf_speft.SpeftTrainer`, which calibrates before the first "
     "step), or choose a data-free measure such as salience='magnitude'."
 )
-
-
-def index_dtype_for(numel: int) -> torch.dtype:
-    """int32 for weights with fewer than 2**31 entries, else int64."""
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def base_weight_is_writable(base_layer: nn.Module) -> bool:

@@ -27,22 +27,42 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 for weights with fewer than 2**31 entries, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 class SparsePattern:
     """The CSR layout of a sparse (out_features, in_features) delta whose flat row-major indices are sorted."""
 
     def __init__(self, indices: torch.Tensor, out_features: int, in_features: int) -> None:
         self.shape = (out_features, in_features)
         self.nnz = indices.numel()
-        index_dtype = torch.int32 if out_features * in_features < 2**31 else torch.int64
+        index_dtype = index_dtype_for(out_features * in_features)
         flat = indices.to(torch.int64)
         rows = torch.div(flat, in_features, rounding_mode="floor")
         cols = flat - rows * in_features
         self.crow = self._compressed(rows, out_features).to(index_dtype)
         self.col = cols.to(index_dtype)
-        self._index_dtype = index_dtype
-        self._rows, self._cols = rows, cols
-        self._transposed: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        # Δᵀ's CSR structure: column-major order of the entries
+        self.transposed_order = torch.argsort(cols * out_features + rows)
+        self.transposed_crow = self._compressed(cols, in_features).to(index_dtype)
+        self.transposed_col = rows[self.transposed_order].to(index_dtype)
         self._sampling_masks: dict[torch.dtype, torch.Tensor] = {}
+
+    @staticmethod
+    def state_bytes(nnz: int, out_features: int, in_features: int, values_itemsize: int = 4) -> int:
+        """Bytes a SPEFT layer keeps for a mask of `nnz` entries besides its values: the flat index buffer plus this
+        layout after a backward pass (`nbytes`). `values_itemsize` is the size of the compute dtype."""
+        index = index_dtype_for(out_features * in_features).itemsize
+        pointers = (out_features + 1 + in_features + 1) * index
+        return nnz * (index + 2 * index + 8 + values_itemsize) + pointers
+
+    def nbytes(self) -> int:
+        """Bytes held by this layout now (the sampling mask exists after the first backward)."""
+        tensors = [self.crow, self.col, self.transposed_order, self.transposed_crow, self.transposed_col]
+        tensors += [mask.values() for mask in self._sampling_masks.values()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     @staticmethod
     def _compressed(major: torch.Tensor, size: int) -> torch.Tensor:
@@ -55,15 +75,10 @@ class SparsePattern:
         return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
 
     def delta_transposed(self, values: torch.Tensor) -> torch.Tensor:
-        """Δᵀ as a CSR tensor of shape (in_features, out_features); its structure is built on first use."""
-        if self._transposed is None:
-            out_features, in_features = self.shape
-            order = torch.argsort(self._cols * out_features + self._rows)
-            ccol = self._compressed(self._cols, in_features).to(self._index_dtype)
-            self._transposed = (ccol, self._rows[order].to(self._index_dtype), order)
-        ccol, rows, order = self._transposed
+        """Δᵀ as a CSR tensor of shape (in_features, out_features)."""
         shape = (self.shape[1], self.shape[0])
-        return torch.sparse_csr_tensor(ccol, rows, values[order], shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.transposed_crow, self.transposed_col, values[self.transposed_order], shape,
+                                       check_invariants=False)
 
     def sampled_product(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(grad_outᵀ · x) at the mask positions, in index order; grad_out is (T, out), x is (T, in)."""
