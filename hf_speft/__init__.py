@@ -9,6 +9,7 @@ from .config import SparsePeftConfig
 from .hub import push_to_hub, summarize_adapter, update_model_card
 from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
+from .memory import MemoryEstimate, estimate_memory
 from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
 from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
 
@@ -39,6 +40,7 @@ __all__ = [
     "CorruptAdapterError",
     "Linear",
     "MaskUpdater",
+    "MemoryEstimate",
     "SalienceContext",
     "SparsePeftConfig",
     "SparsePeftLayer",
@@ -48,6 +50,7 @@ __all__ = [
     "SpeftTrainer",
     "SpeftTrainerMixin",
     "available_measures",
+    "estimate_memory",
     "calibrate",
     "compute_salience",
     "push_to_hub",
