@@ -4,12 +4,14 @@ fine-tuning) and how they report bad input (one line, exit code 2, before any wo
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 METHODS = ("speft", "lora", "pissa", "full")
@@ -75,6 +77,18 @@ def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
     print(f"[{method}] trainable parameters: {trainable:,}", flush=True)
     trainer.save_model(trainer.args.output_dir)
     return seconds, trainable
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated by this process on CUDA, else its peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_losses(trainer: Any) -> list[float]:
+    """The training losses the Trainer logged, in order."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 class RecipeError(ValueError):

@@ -5,8 +5,10 @@ report the task's GLUE metrics on the dev split.
     python recipes/glue.py --model_name_or_path ./minilm --task sst2 --dataset_path ../shared/data/sst2 ...
 
 `--dataset_path DIR` reads DIR/train.{tsv,jsonl} and DIR/dev.{tsv,jsonl} (tsv with a header row) with GLUE's column
-names and a `label` column; otherwise `datasets.load_dataset("glue", TASK)`. The classifier head is trained in every
-method. Results go to OUTPUT_DIR/results.json.
+names and a `label` column; otherwise `datasets.load_dataset("glue", TASK)`. `--max_train_samples N` trains on a fixed
+subset (the same N examples in every run, drawn with seed 0); `--test_file` adds a labelled split evaluated like dev.
+The classifier head is trained in every method. Results (metrics, trainable parameters, train time, peak memory,
+losses) go to OUTPUT_DIR/results.json.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from trl import TrlParser
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (MethodArguments, RecipeError, prepare_model, run_recipe, train_and_save,
-                              user_input_checks)
+from hf_speft.methods import (MethodArguments, RecipeError, peak_memory_bytes, prepare_model, run_recipe,
+                              train_and_save, train_losses, user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -48,6 +50,10 @@ class GlueArguments:
     task: str = field(default="sst2", metadata={"help": f"One of {sorted(TASKS)}."})
     dataset_path: Optional[str] = field(default=None, metadata={"help": "Folder with train/dev .tsv or .jsonl."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example."})
+    max_train_samples: Optional[int] = field(default=None, metadata={
+        "help": "Train on this many examples, the same fixed subset (drawn with seed 0) in every run."})
+    test_file: Optional[str] = field(default=None, metadata={
+        "help": "A labelled .tsv/.jsonl evaluated like dev (results under test_metrics)."})
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"],
                                       metadata={"help": "Modules adapted by SPEFT/LoRA/PiSSA."})
     lora_r: int = field(default=8, metadata={"help": "LoRA/PiSSA rank, and SPEFT's matched budget by default."})
@@ -56,16 +62,23 @@ class GlueArguments:
 
 # ------------------------------------------------------------------------------------------------ data
 def read_split(folder: str, split: str, task: str) -> list[dict]:
-    """Rows of DIR/<split>.tsv or .jsonl; a clear error naming the file and line for a malformed row."""
-    columns = [column for column in TASKS[task][0] if column] + ["label"]
+    """Rows of DIR/<split>.tsv or .jsonl."""
     for extension in ("tsv", "jsonl"):
         path = os.path.join(folder, f"{split}.{extension}")
         if os.path.isfile(path):
-            break
-    else:
-        raise RecipeError(f"{os.path.join(folder, split)}.tsv (or .jsonl) does not exist.")
+            return read_rows(path, task)
+    raise RecipeError(f"{os.path.join(folder, split)}.tsv (or .jsonl) does not exist.")
+
+
+def read_rows(path: str, task: str) -> list[dict]:
+    """Rows of a .tsv (header row) or .jsonl file; a clear error naming the file and line for a malformed row."""
+    columns = [column for column in TASKS[task][0] if column] + ["label"]
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path} does not exist.")
+    if not path.endswith((".tsv", ".jsonl")):
+        raise RecipeError(f"{path}: use a .tsv (with a header row) or .jsonl file.")
     with open(path, newline="") as f:
-        if extension == "tsv":
+        if path.endswith(".tsv"):
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             rows = [(number, row) for number, row in enumerate(reader, start=2)]
         else:
@@ -85,11 +98,18 @@ def read_split(folder: str, split: str, task: str) -> list[dict]:
     return examples
 
 
-def load_glue(args: GlueArguments) -> tuple[list[dict], list[dict]]:
+def load_glue(args: GlueArguments) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(train rows, {"dev": rows[, "test": rows]}), train cut to the fixed `max_train_samples` subset."""
     if args.dataset_path:
-        return read_split(args.dataset_path, "train", args.task), read_split(args.dataset_path, "dev", args.task)
-    data = load_dataset("glue", args.task)
-    return list(data["train"]), list(data["validation_matched" if args.task == "mnli" else "validation"])
+        train, dev = read_split(args.dataset_path, "train", args.task), read_split(args.dataset_path, "dev", args.task)
+    else:
+        data = load_dataset("glue", args.task)
+        train, dev = list(data["train"]), list(data["validation_matched" if args.task == "mnli" else "validation"])
+    evaluated = {"dev": dev, **({"test": read_rows(args.test_file, args.task)} if args.test_file else {})}
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.max_train_samples]
+        train = [train[index] for index in sorted(chosen.tolist())]
+    return train, evaluated
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -136,6 +156,8 @@ def glue_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> 
 def check_arguments(args: GlueArguments, method: MethodArguments) -> None:
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r} is not allowed; use one of {sorted(TASKS)}.")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise ValueError(f"--max_train_samples must be a positive count, got {args.max_train_samples}.")
     method.check()
 
 
@@ -144,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         argv)
     with user_input_checks():
         check_arguments(args, method)
-        train_rows, dev_rows = load_glue(args)
+        train_rows, evaluated = load_glue(args)
     first, second = TASKS[args.task][0]
     num_labels = TASKS[args.task][1]
 
@@ -160,17 +182,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the classifier head trains in all
     trainer_class = hf_speft.SpeftTrainer if method.method == "speft" else Trainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=tokenized(train_rows),
-                            eval_dataset=tokenized(dev_rows), data_collator=DataCollatorWithPadding(tokenizer))
+                            eval_dataset=tokenized(evaluated["dev"]), data_collator=DataCollatorWithPadding(tokenizer))
     train_time, trainable = train_and_save(trainer, method.method)
 
-    prediction = trainer.predict(tokenized(dev_rows))
-    logits = torch.as_tensor(prediction.predictions)
-    predictions = logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)
-    metrics = glue_metrics(args.task, predictions, torch.as_tensor(prediction.label_ids))
-    results = {"task": args.task, "method": method.method, "metrics": metrics, "num_eval": len(dev_rows),
-               "trainable_params": trainable, "train_time_s": train_time,
+    def evaluate(rows: list[dict]) -> dict[str, float]:
+        prediction = trainer.predict(tokenized(rows))
+        logits = torch.as_tensor(prediction.predictions)
+        predictions = logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)
+        return glue_metrics(args.task, predictions, torch.as_tensor(prediction.label_ids))
+
+    metrics = evaluate(evaluated["dev"])
+    results = {"task": args.task, "method": method.method, "metrics": metrics, "num_eval": len(evaluated["dev"]),
+               "num_train": len(train_rows), "trainable_params": trainable, "train_time_s": train_time,
+               "peak_memory_bytes": peak_memory_bytes(), "train_losses": train_losses(trainer),
                "world_size": trainer.accelerator.num_processes,
                "config": {"script": asdict(args), "method": asdict(method)}}
+    if "test" in evaluated:
+        results.update(test_metrics=evaluate(evaluated["test"]), num_test=len(evaluated["test"]))
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -27,8 +26,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (MethodArguments, RecipeError, prepare_model, run_recipe, train_and_save,
-                              user_input_checks)
+from hf_speft.methods import (MethodArguments, RecipeError, peak_memory_bytes, prepare_model, run_recipe,
+                              train_and_save, train_losses, user_input_checks)
 
 PROMPT = "Question: {question}\nAnswer:"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -118,12 +117,6 @@ def check_arguments(method: MethodArguments, model_args: ModelConfig) -> None:
         raise ValueError("Full fine-tuning cannot train 8-bit or 4-bit weights; drop --load_in_8bit/--load_in_4bit.")
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
     model.eval()
@@ -171,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "num_eval": len(test_rows),
             "trainable_params": trainable,
             "train_time_s": train_time,
-            "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "train_losses": train_losses(trainer),
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,
             "config": {"script": asdict(args), "method": asdict(method), "model": asdict(model_args)},

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from encoder_helpers import build_tiny_encoder, write_sst2
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "glue.py"
 spec = importlib.util.spec_from_file_location("glue_recipe", RECIPE)
 glue = sys.modules["glue_recipe"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(glue)
-
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "the", "was", "a"]
-
 
 def test_classification_metrics_by_hand():
     predictions, labels = torch.tensor([1, 1, 0, 0, 1]), torch.tensor([1, 0, 0, 1, 1])
@@ -38,32 +34,9 @@ def test_regression_metrics_by_hand():
     assert ties["spearmanr"] == pytest.approx(0.8660254)  # tied ranks 1.5, 1.5, 3
 
 
-def write_sst2(folder: Path, size: int = 32) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for split in ("train", "dev"):
-        lines = ["sentence\tlabel"]
-        for _ in range(size):
-            label = int(torch.randint(0, 2, (1,), generator=generator))
-            word = WORDS[int(torch.randint(0, 3, (1,), generator=generator)) + (0 if label else 3)]
-            lines.append(f"the movie was {word}\t{label}")
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{word: 4 + i for i, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(folder)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=64,
-                                             max_position_embeddings=64)).save_pretrained(folder)
-    return folder
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def glue_args(model_dir, data_dir, output_dir, method, *extra):
@@ -99,3 +72,24 @@ def test_malformed_tsv_names_file_and_line(tmp_path, content, message):
 def test_bad_glue_arguments(tmp_path, tiny_encoder_dir, extra, message):
     with pytest.raises(glue.RecipeError, match=message):
         glue.main(glue_args(tiny_encoder_dir, write_sst2(tmp_path / "d"), tmp_path / "out", "speft") + extra)
+
+
+def test_train_subset_test_file_and_run_facts(tmp_path, tiny_encoder_dir):
+    data = write_sst2(tmp_path / "sst2")
+    extra = write_sst2(tmp_path / "extra", size=12) / "dev.tsv"
+    args = glue_args(tiny_encoder_dir, data, tmp_path / "out", "lora", "--max_train_samples", "10", "--test_file",
+                     str(extra), "--logging_steps", "1")
+    saved = glue.main(args)
+    assert saved["num_train"] == 10 and saved["num_test"] == 12 and 0 <= saved["test_metrics"]["accuracy"] <= 1
+    assert saved["peak_memory_bytes"] > 0 and len(saved["train_losses"]) == 3
+    first, again = glue.load_glue(glue.GlueArguments("m", dataset_path=str(data), max_train_samples=10))[0], \
+        glue.load_glue(glue.GlueArguments("m", dataset_path=str(data), max_train_samples=10))[0]
+    assert first == again  # the same fixed subset in every run
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--max_train_samples", "0"], "--max_train_samples must be"),
+                                                (["--test_file", "/nonexistent/test.tsv"], "test.tsv does not exist"),
+                                                (["--test_file", __file__], "use a .tsv")])
+def test_bad_subset_and_test_file(tmp_path, tiny_encoder_dir, extra, message):
+    with pytest.raises(glue.RecipeError, match=message):
+        glue.main(glue_args(tiny_encoder_dir, write_sst2(tmp_path / "d"), tmp_path / "out", "lora") + extra)
