@@ -45,7 +45,7 @@ class SparsePattern:
         self.crow = self._compressed(rows, out_features).to(index_dtype)
         self.col = cols.to(index_dtype)
         # Δᵀ's CSR structure: column-major order of the entries
-        self.transposed_order = torch.argsort(cols * out_features + rows)
+        self.transposed_order = torch.argsort(cols * out_features + rows).to(index_dtype)
         self.transposed_crow = self._compressed(cols, in_features).to(index_dtype)
         self.transposed_col = rows[self.transposed_order].to(index_dtype)
         self._sampling_masks: dict[torch.dtype, torch.Tensor] = {}
@@ -56,7 +56,7 @@ class SparsePattern:
         layout after a backward pass (`nbytes`). `values_itemsize` is the size of the compute dtype."""
         index = index_dtype_for(out_features * in_features).itemsize
         pointers = (out_features + 1 + in_features + 1) * index
-        return nnz * (index + 2 * index + 8 + values_itemsize) + pointers
+        return nnz * (4 * index + values_itemsize) + pointers
 
     def nbytes(self) -> int:
         """Bytes held by this layout now (the sampling mask exists after the first backward)."""

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from hf_speft.methods import MethodArguments
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "gsm8k.py"
 spec = importlib.util.spec_from_file_location("gsm8k_recipe", RECIPE)
@@ -166,3 +169,24 @@ def test_recipe_speft_on_an_8bit_base(tmp_path, tiny_model_dir):
     assert config["peft_type"] == "SPEFT"
     # The adapter trained on the 8-bit base loads on the unquantized base (the exact-merge path).
     assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+
+
+CONFIGS = Path(__file__).parents[1] / "recipes" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*_gsm8k_*.yaml")), ids=lambda path: path.stem)
+def test_shipped_recipe_configs_parse_with_matched_budgets(path):
+    parser = TrlParser((gsm8k.ScriptArguments, MethodArguments, SFTConfig, ModelConfig))
+    # --use_cpu: this machine has no bf16 GPU, which TrainingArguments checks when parsing bf16: true
+    _, method, training, model = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true"])
+    method.check()
+    model_key, method_name = path.stem.split("_gsm8k_")
+    assert method.method == method_name
+    shipped = json.loads((CONFIGS / "models" / model_key / "config.json").read_text())
+    assert model.model_name_or_path == shipped["_name_or_path"]  # the estimate in the README is for this model
+    assert model.lora_r == 16 and model.lora_target_modules == "all-linear"
+    if method.method == "speft":
+        assert method.match_lora_rank == model.lora_r and method.salience == "gradient"
+        assert method.salience_batches * training.per_device_train_batch_size == 64 * 16
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 16
+    assert training.learning_rate == 2e-5 and training.bf16 and training.gradient_checkpointing
