@@ -4,6 +4,9 @@
   masks and values to OUT_DIR/rank{r}.pt.
 - MODE `salience`: calibrates on this rank's share of `salience_batches()` (rank r takes batches r, r + W, ...) and
   saves the masks, to compare with one process calibrating on all of them.
+- MODE `fsdp2`: calibrates as in `salience`, shards the model with torch FSDP2 (`fully_shard` per decoder layer and
+  at the root, CPU mesh), trains 3 steps on this rank's data, saves the gathered adapter (rank 0) and each rank's
+  masks and logits on a probe batch.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from trainer_helpers import speft_model, speft_trainer
+from trainer_helpers import counting_dataset, speft_model, speft_trainer
 
 from hf_speft import calibrate, sparse_layers
 
@@ -49,5 +52,35 @@ def train(out_dir: str) -> None:
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
+def fsdp2(out_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = speft_model(salience="gradient", salience_batches=4)
+    calibrate(model, salience_batches()[rank::world], show_progress=False)  # before sharding: values get their size
+    mesh = init_device_mesh("cpu", (world,))
+    for decoder_layer in model.get_base_model().model.layers:
+        fully_shard(decoder_layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.tensor(counting_dataset(size=12, seed=rank)["input_ids"])
+    for step in range(3):
+        batch = data[4 * step: 4 * step + 4]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        logits = model(input_ids=salience_batches()[0]["input_ids"]).logits
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=state)
+    masks = {name: layer.speft_indices["default"] for name, layer in sparse_layers(model).items()}
+    torch.save({"world_size": world, "masks": masks, "logits": logits}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    {"train": train, "salience": salience}[sys.argv[2]](sys.argv[1])
+    {"train": train, "salience": salience, "fsdp2": fsdp2}[sys.argv[2]](sys.argv[1])

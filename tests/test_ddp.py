@@ -1,32 +1,18 @@
-"""DDP on 2 CPU processes (torchrun, gloo): every rank ends with the same masks and values."""
+"""DDP and FSDP2 on 2 CPU processes (torchrun, gloo): every rank ends with the same masks and values."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import torchrun_two_processes
 
 TESTS = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_processes(out_dir, mode: str) -> None:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    result = subprocess.run([*torchrun, str(TESTS / "ddp_worker.py"), str(out_dir), mode], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(TESTS / "ddp_worker.py", [str(out_dir), mode], timeout=300)
 
 
 @pytest.mark.slow
@@ -55,3 +41,29 @@ def test_two_process_salience_equals_one_process_over_the_same_samples(tmp_path)
     for name, indices in single.items():
         assert torch.equal(ranks[0]["masks"][name], indices), f"{name}: 2-process mask differs from 1-process mask"
         assert torch.equal(ranks[1]["masks"][name], indices)
+
+
+@pytest.mark.slow
+def test_fsdp2_calibrate_train_and_save_a_full_adapter(tmp_path):
+    """Calibrate, shard with fully_shard, train 3 steps, gather: the adapter reloads on a plain model and gives the
+    sharded model's outputs."""
+    from peft import PeftModel
+    from trainer_helpers import base_model
+
+    from ddp_worker import salience_batches
+    from hf_speft import summarize_adapter
+
+    run_two_processes(tmp_path, "fsdp2")
+    ranks = [torch.load(tmp_path / f"fsdp{rank}.pt") for rank in range(2)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    for name, indices in ranks[0]["masks"].items():
+        assert torch.equal(ranks[1]["masks"][name], indices), f"masks differ across ranks for {name}"
+    summary = summarize_adapter(tmp_path / "adapter")
+    assert summary.nnz == sum(indices.numel() for indices in ranks[0]["masks"].values()) > 0  # not an empty file
+    reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=salience_batches()[0]["input_ids"]).logits
+        base_logits = base_model()(input_ids=salience_batches()[0]["input_ids"]).logits
+    torch.testing.assert_close(logits, ranks[0]["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ranks[1]["logits"], ranks[0]["logits"])
+    assert not torch.allclose(logits, base_logits, atol=1e-3)  # training moved the outputs

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import torchrun_two_processes
 from encoder_helpers import build_tiny_encoder, write_sst2
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "glue.py"
@@ -93,3 +94,11 @@ def test_train_subset_test_file_and_run_facts(tmp_path, tiny_encoder_dir):
 def test_bad_subset_and_test_file(tmp_path, tiny_encoder_dir, extra, message):
     with pytest.raises(glue.RecipeError, match=message):
         glue.main(glue_args(tiny_encoder_dir, write_sst2(tmp_path / "d"), tmp_path / "out", "lora") + extra)
+
+
+@pytest.mark.slow
+def test_glue_recipe_on_two_processes(tmp_path, tiny_encoder_dir):
+    data = write_sst2(tmp_path / "sst2")
+    torchrun_two_processes(RECIPE, glue_args(tiny_encoder_dir, data, tmp_path / "out", "speft"))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["world_size"] == 2 and saved["num_eval"] == 32  # every dev example scored once

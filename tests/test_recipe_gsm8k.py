@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_helpers import torchrun_two_processes
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, TrlParser
@@ -135,19 +134,16 @@ def test_missing_dataset_file_is_a_clean_exit(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_recipe_on_two_processes(tmp_path, tiny_model_dir):
-    data = write_dataset(tmp_path / "data")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(RECIPE), *recipe_args(tiny_model_dir, data, tmp_path / "out", "speft")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.parametrize("method", ["speft", "lora", "pissa", "full"])
+def test_recipe_on_two_processes(tmp_path, tiny_model_dir, method):
+    torchrun_two_processes(RECIPE, recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out",
+                                             method))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["world_size"] == 2
-    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert saved["world_size"] == 2 and saved["method"] == method
+    if method == "full":
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    else:
+        assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
 
 
 @pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
