@@ -14,6 +14,7 @@ from .salience.registry import available_measures
 MASK_SCOPES = ("global", "local")
 SALIENCE_DTYPES = ("float32", "bfloat16")
 MASK_UPDATES = ("static", "dynamic")
+LAYER_COUPLED_MEASURES = ("grasp", "force")  # their scores depend on all targeted layers at once
 OPTIMIZER_RESETS = ("new", "all")
 
 
@@ -38,6 +39,9 @@ class SparsePeftConfig(PeftConfig):
         salience_batches: Number of batches used by data-dependent measures (the paper: 64 batches of 16 samples).
         salience_dtype: Dtype the scores accumulate in, `"float32"` or `"bfloat16"`.
         salience_device: Device the scores accumulate on (e.g. `"cpu"` to offload); None keeps each weight's device.
+        salience_groups: Score the targets in this many groups of consecutive layers, one pass over the salience
+            batches each: peak salience memory holds one group's scores instead of all, for `groups`× the time. The
+            masks are the same as with one group. Not for `"grasp"` and `"force"`, whose scores couple all layers.
         init_weights: True starts from a zero delta (model output unchanged); False draws a random nonzero delta
             (for tests, as peft tuners do).
         seed: Seed of the random measure and of `init_weights=False`.
@@ -89,6 +93,9 @@ class SparsePeftConfig(PeftConfig):
     salience_device: Optional[str] = field(
         default=None, metadata={"help": "Device the salience scores accumulate on ('cpu' to offload)."}
     )
+    salience_groups: int = field(
+        default=1, metadata={"help": "Score the targets in this many groups of layers (less memory, more passes)."}
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero delta at start; False: random nonzero delta (for tests)."}
     )
@@ -129,6 +136,15 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"salience_batches={self.salience_batches!r} must be a positive integer.")
         if self.salience_dtype not in SALIENCE_DTYPES:
             raise ValueError(f"salience_dtype={self.salience_dtype!r} is not allowed; use one of {SALIENCE_DTYPES}.")
+        if not isinstance(self.salience_groups, int) or isinstance(self.salience_groups, bool) or (
+            self.salience_groups < 1
+        ):
+            raise ValueError(f"salience_groups={self.salience_groups!r} must be a positive integer.")
+        if self.salience_groups > 1 and self.salience in LAYER_COUPLED_MEASURES:
+            raise ValueError(
+                f"salience={self.salience!r} scores all layers together, so salience_groups must be 1 (got "
+                f"{self.salience_groups}); measures that score each layer alone can be grouped."
+            )
         if self.mask_update not in MASK_UPDATES:
             raise ValueError(f"mask_update={self.mask_update!r} is not allowed; use one of {MASK_UPDATES}.")
         if not isinstance(self.update_interval, int) or isinstance(self.update_interval, bool) or (

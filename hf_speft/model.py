@@ -90,11 +90,11 @@ class SparsePeftModel(BaseTuner):
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
         )
-        from .salience import compute_adapter_salience, get_measure
+        from .salience import get_measure, select_adapter_masks
 
         config = self.peft_config[adapter_name]
         if get_measure(config.salience).data_free and not low_cpu_mem_usage:
-            self.set_masks(adapter_name, compute_adapter_salience(self, adapter_name))
+            self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
 
     def adapter_budget(self, adapter_name: str) -> int:
         """The number of weights the adapter's configured budget trains across its SPEFT layers."""
@@ -107,22 +107,32 @@ class SparsePeftModel(BaseTuner):
 
         Returns the number of trainable entries per layer.
         """
-        config: SparsePeftConfig = self.peft_config[adapter_name]
         layers = self._scored_layers(adapter_name, scores)
         masks = select_mask({name: scores[name] for name in layers}, self.adapter_budget(adapter_name),
-                            config.mask_scope)
+                            self.peft_config[adapter_name].mask_scope)
+        return self.install_masks(adapter_name, masks)
+
+    def install_masks(self, adapter_name: str, masks: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Give every SPEFT layer of the adapter its mask (sorted flat indices, keyed like `sparse_layers`)."""
+        config: SparsePeftConfig = self.peft_config[adapter_name]
+        layers = self._scored_layers(adapter_name, masks)
         generator = torch.Generator().manual_seed(config.seed)
         for name, layer in layers.items():
             layer.set_mask(adapter_name, masks[name], init_weights=config.init_weights, generator=generator)
         return {name: int(mask.numel()) for name, mask in masks.items()}
 
     def update_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dynamic mask update: re-rank every layer's entries by `scores`, keeping each layer's count.
+        """Dynamic mask update: re-rank the entries of every layer in `scores` (all or some of the adapter's SPEFT
+        layers), keeping each layer's count.
 
         The model's function is unchanged (see `SparsePeftLayer.update_mask`). Counts stay fixed so parameter shapes,
         optimizer state and DDP buckets keep their layout. Returns, per layer, each new entry's old position or -1.
         """
-        layers = self._scored_layers(adapter_name, scores)
+        layers = sparse_layers(self.model, adapter_name)
+        unknown = sorted(set(scores) - set(layers))
+        if unknown:
+            raise ValueError(f"Scores for {unknown}, which are not SPEFT layers of adapter {adapter_name!r}.")
+        layers = {name: layers[name] for name in scores}
         for layer in layers.values():
             layer.check_calibrated(adapter_name)
         counts = {name: layer.speft_values[adapter_name].numel() for name, layer in layers.items()}

@@ -10,7 +10,6 @@ Half-precision inputs run the sparse kernels in float32 (CPU has no bf16/fp16 CS
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 

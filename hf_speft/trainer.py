@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .model import sparse_layers, speft_tuner
-from .salience import calibrate, compute_adapter_salience
+from .salience import adapter_salience_groups, calibrate
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +169,11 @@ class MaskUpdater:
         start = time.perf_counter()
         if hasattr(self.dataloader, "set_epoch"):
             self.dataloader.set_epoch(update_number)
+        moves: dict[str, torch.Tensor] = {}
         with _isolated_rng(self.config.seed + update_number):
-            scores = compute_adapter_salience(
-                self.model, self.adapter_name, self.dataloader, show_progress=self.show_progress
-            )
-        moves = self.tuner.update_masks(self.adapter_name, scores)
+            for scores in adapter_salience_groups(self.model, self.adapter_name, self.dataloader,
+                                                  show_progress=self.show_progress):
+                moves.update(self.tuner.update_masks(self.adapter_name, scores))
         layers = self._layers()
         replaced = total = 0
         for name, kept_from in moves.items():

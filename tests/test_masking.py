@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_speft.masking import local_budgets, select_mask
+from hf_speft.masking import MaskSelector, local_budgets, select_mask
 
 
 def scores(seed=0):
@@ -65,3 +65,31 @@ def test_local_budgets_largest_remainder():
 def test_bad_selection_arguments(budget, scope):
     with pytest.raises(ValueError, match="budget=|scope="):
         select_mask(scores(), budget, scope)
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_selector_fed_in_groups_equals_selecting_at_once(scope):
+    generator = torch.Generator().manual_seed(3)
+    # integer scores: many ties across and within layers exercise the tie order (earlier layer, lower index)
+    layers = {f"layer{i}": torch.randint(0, 6, (size,), generator=generator).float()
+              for i, size in enumerate([40, 7, 64, 1, 33])}
+    for budget in (1, 5, 17, 60, 145):
+        expected = select_mask(layers, budget, scope)
+        selector = MaskSelector({name: value.numel() for name, value in layers.items()}, budget, scope)
+        for group in (["layer0", "layer1"], ["layer2"], ["layer3", "layer4"]):
+            selector.add({name: layers[name] for name in group})
+        masks = selector.masks()
+        assert masks.keys() == expected.keys()
+        for name in layers:
+            assert torch.equal(masks[name], expected[name]), (budget, name)
+
+
+def test_selector_refuses_out_of_order_or_missing_layers():
+    selector = MaskSelector({"a": 4, "b": 4}, 2)
+    with pytest.raises(ValueError, match="'b' arrived out of order; expected 'a'"):
+        selector.add({"b": torch.zeros(4)})
+    selector.add({"a": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"No scores were added for \['b'\]"):
+        selector.masks()
+    with pytest.raises(ValueError, match="'b' have 3 entries; expected 4"):
+        selector.add({"b": torch.zeros(3)})

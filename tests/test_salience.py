@@ -289,3 +289,41 @@ def test_calibration_leaves_model_untouched_and_in_its_mode():
     for key, value in model.state_dict().items():
         if "speft_" not in key:
             assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(("measure", "scope"), [("gradient", "global"), ("gradient", "local"), ("snip", "global"),
+                                                ("fisher", "global"), ("magnitude", "global"), ("random", "local"),
+                                                ("synflow", "global")])
+def test_grouped_salience_selects_the_same_masks(measure, scope):
+    """salience_groups=3 scores a third of the layers per pass; the masks equal one pass over all of them."""
+    masks = []
+    for groups in (1, 3):
+        model = speft_model(salience=measure, mask_scope=scope, salience_groups=groups)
+        if measure not in ("magnitude", "random", "synflow"):
+            calibrate(model, batches(), show_progress=False)
+        masks.append({name: layer.speft_indices["default"] for name, layer in sparse_layers(model).items()})
+    assert len(masks[0]) > 3
+    for name, indices in masks[0].items():
+        assert torch.equal(masks[1][name], indices), name
+
+
+def test_grouped_salience_reads_each_batch_once():
+    """Every group is scored on the same batches, read from the dataloader once (a shuffling loader would
+    otherwise give each group different data)."""
+    reads = []
+
+    class CountingLoader:
+        def __iter__(self):
+            reads.append(1)
+            return iter(batches())
+
+    calibrate(speft_model(salience_groups=3), CountingLoader(), show_progress=False)
+    assert len(reads) == 1
+
+
+def test_salience_groups_config_errors():
+    with pytest.raises(ValueError, match="salience_groups=0 must be a positive integer"):
+        SparsePeftConfig(target_modules=TARGETS, density=0.1, salience_groups=0)
+    for measure in ("grasp", "force"):
+        with pytest.raises(ValueError, match=f"salience='{measure}' scores all layers together"):
+            SparsePeftConfig(target_modules=TARGETS, density=0.1, salience=measure, salience_groups=2)

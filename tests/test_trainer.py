@@ -252,3 +252,18 @@ def test_calibrated_static_adapter_builds_no_calibration_dataloader(tmp_path, mo
     monkeypatch.setattr(trainer, "get_calibration_dataloader", unexpected)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_grouped_dynamic_update_equals_one_pass():
+    """A dynamic update scored in groups of layers moves the masks exactly as one pass over all layers does."""
+    results = []
+    for groups in (1, 2):
+        model = speft_model(mask_update="dynamic", salience_groups=groups)
+        updater = MaskUpdater(model, [batch(seed=1)], show_progress=False)
+        updater.calibrate()
+        updater.dataloader = [reversed_batch(seed=2)]
+        churn = updater.update(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+        results.append((churn, {name: layer.speft_indices["default"] for name, layer in sparse_layers(model).items()}))
+    assert results[0][0] == results[1][0] > 0
+    for name, indices in results[0][1].items():
+        assert torch.equal(results[1][1][name], indices)

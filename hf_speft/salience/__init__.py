@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -92,6 +93,44 @@ def compute_adapter_salience(
     return _run_measure(measure, ctx)
 
 
+def adapter_salience_groups(
+    peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The configured measure's scores of the adapter's SPEFT layers, one group of consecutive layers at a time
+    (`salience_groups` groups), so only one group's scores exist at once. With several groups the data batches are
+    read once and every group is scored on the same ones."""
+    from ..model import speft_tuner
+
+    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader, show_progress=show_progress)
+    groups = min(speft_tuner(peft_model).peft_config[adapter_name].salience_groups, max(len(ctx.layers), 1))
+    if groups == 1:
+        yield _run_measure(measure, ctx)
+        return
+    if not get_measure(measure).data_free:
+        ctx = dataclasses.replace(ctx, dataloader=list(ctx.batches("salience (reading batches)")))
+    names = list(ctx.layers)
+    for group in range(groups):
+        part = names[len(names) * group // groups: len(names) * (group + 1) // groups]
+        yield _run_measure(measure, dataclasses.replace(ctx, layers={name: ctx.layers[name] for name in part}))
+
+
+def select_adapter_masks(
+    peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """The adapter's masks for its configured measure, budget and scope (flat indices per SPEFT layer)."""
+    from ..masking import MaskSelector
+    from ..model import sparse_layers, speft_tuner
+
+    tuner = speft_tuner(peft_model)
+    sizes = {name: layer.out_features * layer.in_features
+             for name, layer in sparse_layers(tuner.model, adapter_name).items()}
+    selector = MaskSelector(sizes, tuner.adapter_budget(adapter_name), tuner.peft_config[adapter_name].mask_scope)
+    for scores in adapter_salience_groups(peft_model, adapter_name, dataloader, show_progress):
+        selector.add(scores)
+        del scores
+    return selector.masks()
+
+
 def compute_salience(
     model: nn.Module,
     dataloader: Optional[Iterable[Any]] = None,
@@ -155,8 +194,8 @@ def calibrate(
     tuner = speft_tuner(peft_model)
     adapter_name = adapter_name or tuner.active_adapters[0]
     start = time.perf_counter()
-    scores = compute_adapter_salience(peft_model, adapter_name, dataloader, show_progress=show_progress)
-    counts = tuner.set_masks(adapter_name, scores)
+    counts = tuner.install_masks(adapter_name, select_adapter_masks(peft_model, adapter_name, dataloader,
+                                                                    show_progress))
     layers = sparse_layers(tuner.model, adapter_name)
     logger.info("calibrated adapter %r in %.2fs (%d trainable weights)", adapter_name, time.perf_counter() - start,
                 sum(counts.values()))
@@ -167,6 +206,7 @@ def calibrate(
 
 
 __all__ = [
+    "adapter_salience_groups",
     "calibrate",
     "compute_salience",
     "SalienceContext",
@@ -175,4 +215,5 @@ __all__ = [
     "get_measure",
     "logical_weight",
     "register_salience",
+    "select_adapter_masks",
 ]

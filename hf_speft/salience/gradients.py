@@ -112,7 +112,7 @@ def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
             sums[name] = grad
 
     _run_backward_passes(ctx, accumulate, "salience (gradients)")
-    return averaged_across_processes({name: sums[name] / ctx.num_batches for name in ctx.layers})
+    return averaged_across_processes({name: sums[name].div_(ctx.num_batches) for name in ctx.layers})
 
 
 def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tenso
     _run_backward_passes(ctx, accumulate, "salience (per-sample gradients)")
     sums = summed_across_processes({name: sums[name] for name in ctx.layers})
     samples = summed_across_processes({"samples": torch.tensor(float(counts["samples"]))})["samples"]
-    return {name: value / samples.item() for name, value in sums.items()}
+    return {name: value.div_(samples.item()) for name, value in sums.items()}
 
 
 @contextlib.contextmanager
@@ -194,30 +194,28 @@ def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device
 
 def gradient(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """|ḡ| — the paper's best measure."""
-    return {name: ctx.score_tensor(g.abs(), ctx.layers[name]) for name, g in mean_gradients(ctx).items()}
+    return {name: ctx.score_tensor(g.abs_(), ctx.layers[name]) for name, g in mean_gradients(ctx).items()}
 
 
 def _weighted(ctx: SalienceContext, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    scores = {}
-    for name, g in mean_gradients(ctx).items():
-        product = ctx.weight(name).to(g.device) * g
-        scores[name] = ctx.score_tensor(transform(product), ctx.layers[name])
-    return scores
+    """transform(W ⊙ ḡ) per target, computed in the gradient's buffer (no second score-sized tensor per layer)."""
+    return {name: ctx.score_tensor(transform(g.mul_(ctx.weight(name).to(g.device))), ctx.layers[name])
+            for name, g in mean_gradients(ctx).items()}
 
 
 def snip(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """|W ⊙ ḡ| (SNIP)."""
-    return _weighted(ctx, torch.abs)
+    return _weighted(ctx, torch.Tensor.abs_)
 
 
 def taylor(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """(W ⊙ ḡ)² (first-order Taylor)."""
-    return _weighted(ctx, torch.square)
+    return _weighted(ctx, torch.Tensor.square_)
 
 
 def skeleton(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """−W ⊙ ḡ (skeletonization)."""
-    return _weighted(ctx, torch.neg)
+    return _weighted(ctx, torch.Tensor.neg_)
 
 
 def grasp(ctx: SalienceContext) -> dict[str, torch.Tensor]:
