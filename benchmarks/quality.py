@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 # Chosen by `--sweep` (benchmarks/results/quality_sst2_sweep.json): the best dev accuracy of each family's grid,
 # one seed (100) that the table does not use. Every SPEFT variant uses the rate swept for speft-gradient.
-SWEEP_GRID = {"full": [2e-5, 5e-5, 1e-4], "lora": [2e-4, 5e-4, 1e-3, 2e-3], "pissa": [5e-5, 2e-4, 5e-4],
+SWEEP_GRID = {"full": [2e-5, 5e-5, 1e-4, 2e-4], "lora": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3], "pissa": [5e-5, 2e-4, 5e-4, 1e-3],
               "speft-gradient": [2e-4, 5e-4, 1e-3, 2e-3]}
 SWEEP_SEED = 100
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "pissa": 2e-4, "speft": 1e-3}

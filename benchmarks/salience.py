@@ -1,11 +1,13 @@
-"""Salience cost: time and peak memory of every measure against one training step, and the memory of the global
-top-k (hf-speft's candidate buffer vs concatenating all scores, as the reference code does).
+"""Salience cost: time and peak memory of calibrating with every measure (scores and mask selection, as
+`hf_speft.calibrate` runs them) against one training step, with the targets scored in one group or several
+(`salience_groups`), and the memory of the global top-k (hf-speft's candidate buffer vs concatenating all scores, as
+the reference code does).
 
-Each measure runs in a fresh subprocess on the tiny Llama of `memory_speed.py` (hidden 1024, 4 layers, vocab 8192, all
-7 projection types, batch 4×256); JSON lines go to benchmarks/results/salience.jsonl.
+Each run is a fresh subprocess on the tiny Llama of `memory_speed.py` (hidden 1024, 4 layers, vocab 8192, all 7
+projection types, batch 4×256); JSON lines go to benchmarks/results/salience.jsonl.
 
     python benchmarks/salience.py
-    python benchmarks/salience.py --measures gradient fisher --batches 2 --hidden 256
+    python benchmarks/salience.py --measures gradient fisher --groups 1 4 --batches 2 --hidden 256
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 from harness import PeakRss, rss_bytes
+
+from hf_speft.config import LAYER_COUPLED_MEASURES
 
 MEASURES = ["magnitude", "random", "gradient", "snip", "taylor", "skeleton", "fisher", "grasp", "synflow", "force"]
 TOPK = ["topk_hf_speft", "topk_concat"]
@@ -58,17 +62,21 @@ def _training_step(model, batch) -> tuple[float, int]:
     return seconds, rss.peak - rss_before
 
 
-def measure_worker(measure: str, args) -> dict:
+def measure_worker(run: str, args) -> dict:
     import hf_speft
 
+    measure, groups = run.split("@")
     model, batch = _model_and_batch(args)
     step_s, step_rss = _training_step(model, batch)
+    config = model.peft_config["default"]  # recalibrate the trained adapter with this run's settings
+    config.salience, config.salience_groups, config.salience_batches = measure, int(groups), args.batches
     rss_before = rss_bytes()
     with PeakRss() as rss:
         start = time.perf_counter()
-        hf_speft.compute_salience(model, [batch], measure=measure, num_batches=args.batches, show_progress=False)
+        hf_speft.calibrate(model, [batch], show_progress=False)
         seconds = time.perf_counter() - start
-    return {"method": measure, "salience_s": seconds, "salience_s_per_batch": seconds / args.batches,
+    return {"method": measure, "groups": int(groups), "salience_s": seconds,
+            "salience_s_per_batch": seconds / args.batches,
             "step_s": step_s, "salience_per_batch/step": seconds / args.batches / step_s,
             "peak_extra_rss_bytes": rss.peak - rss_before, "step_peak_extra_rss_bytes": step_rss,
             "peak_rss/step": (rss.peak - rss_before) / max(step_rss, 1)}
@@ -102,6 +110,8 @@ def topk_worker(method: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measures", nargs="+", default=MEASURES, choices=MEASURES)
+    parser.add_argument("--groups", nargs="+", type=int, default=[1, 4],
+                        help="salience_groups to run (grasp and force: 1 only)")
     parser.add_argument("--batches", type=int, default=4, help="salience batches per measure")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
@@ -111,7 +121,7 @@ def main() -> None:
     parser.add_argument("--topk_layers", type=int, default=4, help="top-k benchmark: blocks of 7 matrices")
     parser.add_argument("--topk_density", type=float, default=0.005)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "salience.jsonl"))
-    parser.add_argument("--worker", choices=MEASURES + TOPK, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker = topk_worker if args.worker in TOPK else measure_worker
@@ -119,8 +129,10 @@ def main() -> None:
         return
     names = ("batches", "hidden", "layers", "batch", "seq_len", "topk_hidden", "topk_layers", "topk_density")
     forwarded = [f"--{name}={getattr(args, name)}" for name in names]
+    runs = [f"{measure}@{groups}" for measure in args.measures for groups in args.groups
+            if groups == 1 or measure not in LAYER_COUPLED_MEASURES]
     results = []
-    for method in args.measures + TOPK:
+    for method in runs + TOPK:
         out = subprocess.run([sys.executable, __file__, "--worker", method, *forwarded], capture_output=True,
                              text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -129,14 +141,14 @@ def main() -> None:
     with open(args.output, "w") as f:
         for result in results:
             f.write(json.dumps({**result, "config": vars(args)}) + "\n")
-    print("| measure | s per batch | ÷ one training step | peak extra RSS MiB | ÷ one training step's |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results[: len(args.measures)]:
-        print(f"| {r['method']} | {r['salience_s_per_batch']:.3f} | {r['salience_per_batch/step']:.2f} | "
+    print("| measure | groups | s per batch | ÷ one training step | peak extra RSS MiB | ÷ one training step's |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results[: len(runs)]:
+        print(f"| {r['method']} | {r['groups']} | {r['salience_s_per_batch']:.3f} | {r['salience_per_batch/step']:.2f} | "
               f"{r['peak_extra_rss_bytes'] / 2**20:.0f} | {r['peak_rss/step']:.2f} |")
     print("\n| global top-k | scores | peak extra RSS MiB | ÷ score bytes | s |")
     print("|---|---:|---:|---:|---:|")
-    for r in results[len(args.measures):]:
+    for r in results[len(runs):]:
         print(f"| {r['method']} | {r['scores']:,} | {r['peak_extra_rss_bytes'] / 2**20:.1f} | "
               f"{r['peak_extra_rss_bytes'] / r['scores_bytes']:.2f} | {r['seconds']:.2f} |")
 
