@@ -292,6 +292,7 @@ EXAMPLES = """examples:
   hf-speft merge meta-llama/Meta-Llama-3-8B out/adapter merged/ --dtype bf16
   hf-speft salience ./my-base data/train.jsonl --measure gradient --density 0.005 --out out/mask
   hf-speft plot out/adapter --out mask.png
+  hf-speft estimate meta-llama/Meta-Llama-3-8B --load_in_8bit --seq_len 1024 --batch_size 4
 """
 
 
