@@ -7,6 +7,7 @@
 from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft
 from .config import SparsePeftConfig
 from .hub import push_to_hub, summarize_adapter, update_model_card
+from .integrations.mixed import enable_mixed_adapters, save_mixed_adapter
 from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
 from .memory import MemoryEstimate, estimate_memory
@@ -14,6 +15,7 @@ from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
 from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
+enable_mixed_adapters()
 
 # The training classes import transformers' Trainer (and trl); they load on first access.
 _LAZY = {
@@ -54,6 +56,7 @@ __all__ = [
     "calibrate",
     "compute_salience",
     "push_to_hub",
+    "save_mixed_adapter",
     "register_salience",
     "select_mask",
     "sparse_layers",

@@ -55,4 +55,5 @@ def register_sparse_peft(config_cls: type, model_cls: type) -> None:
             PEFT_TYPE_TO_PREFIX_MAPPING,
         ):
             mapping.pop(SPEFT_PEFT_TYPE, None)
-    register_peft_method(name=METHOD_NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+    register_peft_method(name=METHOD_NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX,
+                         is_mixed_compatible=True)

@@ -27,10 +27,13 @@ def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
     }
 
 
-def speft_tuner(model: nn.Module) -> SparsePeftModel:
-    """The `SparsePeftModel` of a `PeftModel` (or the tuner itself); a clear error for anything else."""
-    tuner = model.base_model if isinstance(model, PeftModel) else model
-    if not isinstance(tuner, SparsePeftModel):
+def speft_tuner(model: nn.Module) -> SparseMasks:
+    """The tuner holding the SPEFT adapters of a `PeftModel` or `PeftMixedModel` (or the tuner itself); a clear error
+    for anything else."""
+    from peft import PeftMixedModel
+
+    tuner = model.base_model if isinstance(model, (PeftModel, PeftMixedModel)) else model
+    if not isinstance(tuner, SparseMasks):
         raise TypeError(
             f"Expected a PeftModel with a SPEFT adapter (from get_peft_model(model, SparsePeftConfig(...))), got "
             f"{type(model).__name__}."
@@ -42,58 +45,16 @@ class CorruptAdapterError(ValueError):
     """A saved SPEFT adapter does not fit the model it is loaded into, or its tensors are malformed."""
 
 
-class SparsePeftModel(BaseTuner):
-    """Salience-aware sparse fine-tuning (SPEFT) as a peft tuner: θ = θ0 + θ_sp with θ_sp on a top-ρ mask.
+class SparseMasks:
+    """The mask operations of a tuner holding SPEFT adapters (`SparsePeftModel`, and peft's mixed model with SPEFT
+    adapters beside other kinds): budgets, installing calibrated masks, dynamic updates. Needs `model` and
+    `peft_config`."""
 
-    Example:
-        ```py
-        >>> import hf_speft
-        >>> from peft import get_peft_model
-        >>> model = get_peft_model(base, hf_speft.SparsePeftConfig(target_modules=["q_proj", "v_proj"],
-        ...                                                       density=0.005, salience="magnitude"))
-        ```
-    """
-
-    prefix: str = "speft_"
-    tuner_layer_cls = SparsePeftLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    @staticmethod
-    def _create_new_module(config: SparsePeftConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, SUPPORTED_LAYERS):
-            raise TypeError(
-                f"Target module {target.__class__.__name__} is not supported by SPEFT; supported are "
-                "torch.nn.Linear and transformers' Conv1D."
-            )
-        return Linear(target, adapter_name, config=config, **kwargs)
-
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        if isinstance(target, SparsePeftLayer):
-            target.update_layer(adapter_name, config)
-            return
-        new_module = self._create_new_module(config, adapter_name, target)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-
-    def inject_adapter(
-        self,
-        model: nn.Module,
-        adapter_name: str,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
-    ) -> None:
-        """Wrap the targets, then build the mask right away when the configured salience measure needs no data."""
-        super().inject_adapter(
-            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
-        )
+    def build_data_free_masks(self, adapter_name: str) -> None:
+        """Build the adapter's mask right away when its configured salience measure needs no data."""
         from .salience import get_measure, select_adapter_masks
 
-        config = self.peft_config[adapter_name]
-        if get_measure(config.salience).data_free and not low_cpu_mem_usage:
+        if get_measure(self.peft_config[adapter_name].salience).data_free:
             self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
 
     def adapter_budget(self, adapter_name: str) -> int:
@@ -145,6 +106,59 @@ class SparsePeftModel(BaseTuner):
             missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
             raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
         return layers
+
+
+
+class SparsePeftModel(SparseMasks, BaseTuner):
+    """Salience-aware sparse fine-tuning (SPEFT) as a peft tuner: θ = θ0 + θ_sp with θ_sp on a top-ρ mask.
+
+    Example:
+        ```py
+        >>> import hf_speft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, hf_speft.SparsePeftConfig(target_modules=["q_proj", "v_proj"],
+        ...                                                       density=0.005, salience="magnitude"))
+        ```
+    """
+
+    prefix: str = "speft_"
+    tuner_layer_cls = SparsePeftLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    @staticmethod
+    def _create_new_module(config: SparsePeftConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"Target module {target.__class__.__name__} is not supported by SPEFT; supported are "
+                "torch.nn.Linear and transformers' Conv1D."
+            )
+        return Linear(target, adapter_name, config=config, **kwargs)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if isinstance(target, SparsePeftLayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Wrap the targets, then build the mask right away when the configured salience measure needs no data."""
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
+        if not low_cpu_mem_usage:
+            self.build_data_free_masks(adapter_name)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():
