@@ -75,5 +75,6 @@ def save_mixed_adapter(model: Any, adapter_name: str, save_directory: str) -> No
               os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = model.peft_config[adapter_name]
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model.base_model.model, "config", None), "_name_or_path", None)
+        base_config = getattr(model.base_model.model, "config", None)
+        config.base_model_name_or_path = getattr(base_config, "_name_or_path", None)
     config.save_pretrained(save_directory)
