@@ -77,8 +77,9 @@ def estimate_memory(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable) + (_speft_budget(model) if method == "speft" else 0)
-    frozen_bytes = sum(_stored_bytes(name, p, quantization) for name, p in model.named_parameters()
-                       if not p.requires_grad)
+    quantizable = _quantizable_weights(model) if quantization else set()
+    frozen_bytes = sum(_stored_bytes(p, quantization if id(p) in quantizable else None)
+                       for p in model.parameters() if not p.requires_grad)
     frozen_bytes += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "speft_" not in name)
     half = weight_dtype != torch.float32
     if method == "full":
@@ -207,13 +208,22 @@ def _speft_layout_bytes(peft_model: nn.Module) -> int:
                for name, layer in layers.items())
 
 
-def _stored_bytes(name: str, parameter: nn.Parameter, quantization: Optional[str]) -> int:
-    """Bytes of a frozen weight; bitsandbytes quantizes 2-D linear weights except the output head."""
+def _quantizable_weights(model: nn.Module) -> set[int]:
+    """ids of the weights bitsandbytes quantizes: those of linear layers (and GPT-2's Conv1D), not the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped = {id(head.weight)} if head is not None else set()
+    return {id(module.weight) for module in model.modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in skipped}
+
+
+def _stored_bytes(parameter: nn.Parameter, quantization: Optional[str]) -> int:
+    """Bytes of a frozen weight, stored as is or quantized to `quantization`."""
     numel = parameter.numel()
-    linear = parameter.dim() == 2 and name.endswith("weight") and "embed" not in name and "lm_head" not in name
-    if quantization == "8bit" and linear:
+    if quantization == "8bit":
         return numel + parameter.shape[0] * 4  # int8 weights and a float32 scale per row
-    if quantization == "4bit" and linear:
+    if quantization == "4bit":
         return numel // 2 + numel // 64 * 4  # two 4-bit weights per byte and a float32 absmax per 64-block
     return numel * parameter.element_size()
 
