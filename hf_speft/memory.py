@@ -81,32 +81,28 @@ def estimate_memory(
     frozen_bytes = sum(_stored_bytes(p, quantization if id(p) in quantizable else None)
                        for p in model.parameters() if not p.requires_grad)
     frozen_bytes += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "speft_" not in name)
-    half = weight_dtype != torch.float32
     if method == "full":
         # the weights train in their dtype; half precision keeps a float32 master copy in the optimizer
-        base = trainable_params * weight_dtype.itemsize + frozen_bytes
-        adapter, gradients = 0, trainable_params * weight_dtype.itemsize
-        optimizer = trainable_params * 4 * (ADAM_STATES + half)
+        base, adapter_weights = trainable_params * weight_dtype.itemsize + frozen_bytes, 0
+        gradients = trainable_params * weight_dtype.itemsize
+        optimizer = trainable_params * 4 * (ADAM_STATES + (weight_dtype != torch.float32))
     else:
         # peft keeps adapter weights in float32 (under ZeRO-3 they stay in the base dtype, with a float32 master)
         adapter_dtype = weight_dtype if zero_stage == 3 else torch.float32
-        base = frozen_bytes
-        adapter = trainable_params * adapter_dtype.itemsize
+        base, adapter_weights = frozen_bytes, trainable_params * adapter_dtype.itemsize
         gradients = trainable_params * adapter_dtype.itemsize
         optimizer = trainable_params * 4 * (ADAM_STATES + (adapter_dtype != torch.float32))
-        if method == "speft":
-            adapter += _speft_layout_bytes(model)  # buffers: ZeRO does not shard them
     if zero_stage >= 1:
         optimizer //= num_gpus
     if zero_stage >= 2:
         gradients //= num_gpus
     if zero_stage == 3:
         base //= num_gpus
-        adapter = trainable_params * weight_dtype.itemsize // num_gpus + (adapter - trainable_params
-                                                                            * weight_dtype.itemsize)
+        adapter_weights //= num_gpus
+    layout = _speft_layout_bytes(model) if method == "speft" else 0  # buffers: ZeRO does not shard them
     traced = (lambda m: _as_traced_speft(wrap(m))) if method == "speft" else wrap
     activations = _activation_bytes(config, weight_dtype, traced, seq_len, batch_size, gradient_checkpointing)
-    return MemoryEstimate(method, trainable_params, base, adapter, gradients, optimizer, activations)
+    return MemoryEstimate(method, trainable_params, base, adapter_weights + layout, gradients, optimizer, activations)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
