@@ -92,6 +92,12 @@ def test_sharding_and_quantization_arithmetic():
     zero1 = estimate_memory(config, "full", dtype="float32", zero_stage=1, num_gpus=2)
     full = estimate_memory(config, "full", dtype="float32")
     assert zero1.optimizer_bytes == full.optimizer_bytes // 2 and zero1.gradient_bytes == full.gradient_bytes
+    full_zero3 = estimate_memory(config, "full", dtype="float32", zero_stage=3, num_gpus=4)
+    assert full_zero3.base_weight_bytes == full.base_weight_bytes // 4 and full_zero3.adapter_bytes == 0
+    for estimate in (plain, zero3, zero1, full, full_zero3):
+        parts = [estimate.base_weight_bytes, estimate.adapter_bytes, estimate.gradient_bytes,
+                 estimate.optimizer_bytes, estimate.activation_bytes]
+        assert min(parts) >= 0 and estimate.total_bytes == sum(parts)
 
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
