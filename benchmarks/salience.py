@@ -144,8 +144,9 @@ def main() -> None:
     print("| measure | groups | s per batch | ÷ one training step | peak extra RSS MiB | ÷ one training step's |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results[: len(runs)]:
-        print(f"| {r['method']} | {r['groups']} | {r['salience_s_per_batch']:.3f} | {r['salience_per_batch/step']:.2f} | "
-              f"{r['peak_extra_rss_bytes'] / 2**20:.0f} | {r['peak_rss/step']:.2f} |")
+        print(f"| {r['method']} | {r['groups']} | {r['salience_s_per_batch']:.3f} | "
+              f"{r['salience_per_batch/step']:.2f} | {r['peak_extra_rss_bytes'] / 2**20:.0f} | "
+              f"{r['peak_rss/step']:.2f} |")
     print("\n| global top-k | scores | peak extra RSS MiB | ÷ score bytes | s |")
     print("|---|---:|---:|---:|---:|")
     for r in results[len(runs):]:
