@@ -85,14 +85,6 @@ def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) ->
     return ctx, config.salience
 
 
-def compute_adapter_salience(
-    peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
-) -> dict[str, torch.Tensor]:
-    """Scores of the configured measure for every SPEFT layer of `adapter_name`, keyed like `sparse_layers`."""
-    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader, show_progress=show_progress)
-    return _run_measure(measure, ctx)
-
-
 def adapter_salience_groups(
     peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -211,7 +203,6 @@ __all__ = [
     "compute_salience",
     "SalienceContext",
     "available_measures",
-    "compute_adapter_salience",
     "get_measure",
     "logical_weight",
     "register_salience",
