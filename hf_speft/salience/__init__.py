@@ -63,47 +63,39 @@ def _run_measure(measure: str, ctx: SalienceContext) -> dict[str, torch.Tensor]:
     return scores
 
 
-def _adapter_context(peft_model: nn.Module, adapter_name: str, **kwargs: Any) -> tuple[SalienceContext, str]:
-    """The salience context of one SPEFT adapter and the name of its configured measure."""
-    from ..model import sparse_layers, speft_tuner
-
-    tuner = speft_tuner(peft_model)
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
-    config = tuner.peft_config[adapter_name]
-    layers = sparse_layers(tuner.model, adapter_name)
-    ctx = SalienceContext(
-        layers=layers,
-        budget=tuner.adapter_budget(adapter_name),
-        model=peft_model,
-        num_batches=config.salience_batches,
-        dtype=_DTYPES[config.salience_dtype],
-        device=torch.device(config.salience_device) if config.salience_device else None,
-        seed=config.seed,
-        **kwargs,
-    )
-    return ctx, config.salience
-
-
 def adapter_salience_groups(
     peft_model: nn.Module, adapter_name: str, dataloader: Optional[Iterable[Any]] = None, show_progress: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The configured measure's scores of the adapter's SPEFT layers, one group of consecutive layers at a time
     (`salience_groups` groups), so only one group's scores exist at once. With several groups the data batches are
     read once and every group is scored on the same ones."""
-    from ..model import speft_tuner
+    from ..model import sparse_layers, speft_tuner
 
-    ctx, measure = _adapter_context(peft_model, adapter_name, dataloader=dataloader, show_progress=show_progress)
-    groups = min(speft_tuner(peft_model).peft_config[adapter_name].salience_groups, max(len(ctx.layers), 1))
+    tuner = speft_tuner(peft_model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
+    config = tuner.peft_config[adapter_name]
+    ctx = SalienceContext(
+        layers=sparse_layers(tuner.model, adapter_name),
+        budget=tuner.adapter_budget(adapter_name),
+        model=peft_model,
+        dataloader=dataloader,
+        num_batches=config.salience_batches,
+        dtype=_DTYPES[config.salience_dtype],
+        device=torch.device(config.salience_device) if config.salience_device else None,
+        seed=config.seed,
+        show_progress=show_progress,
+    )
+    groups = min(config.salience_groups, max(len(ctx.layers), 1))
     if groups == 1:
-        yield _run_measure(measure, ctx)
+        yield _run_measure(config.salience, ctx)
         return
-    if not get_measure(measure).data_free:
+    if not get_measure(config.salience).data_free:
         ctx = dataclasses.replace(ctx, dataloader=list(ctx.batches("salience (reading batches)")))
     names = list(ctx.layers)
     for group in range(groups):
         part = names[len(names) * group // groups: len(names) * (group + 1) // groups]
-        yield _run_measure(measure, dataclasses.replace(ctx, layers={name: ctx.layers[name] for name in part}))
+        yield _run_measure(config.salience, dataclasses.replace(ctx, layers={name: ctx.layers[name] for name in part}))
 
 
 def select_adapter_masks(
