@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SparsePeftConfig
 from .layer import Linear, SparsePeftLayer
-from .masking import select_mask, select_per_layer
+from .masking import select_per_layer
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -63,16 +63,6 @@ class SparseMasks:
         shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
         return self.peft_config[adapter_name].total_budget(shapes)
 
-    def set_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Select the configured budget from per-layer `scores` (keyed like `sparse_layers`) and install the masks.
-
-        Returns the number of trainable entries per layer.
-        """
-        layers = self._scored_layers(adapter_name, scores)
-        masks = select_mask({name: scores[name] for name in layers}, self.adapter_budget(adapter_name),
-                            self.peft_config[adapter_name].mask_scope)
-        return self.install_masks(adapter_name, masks)
-
     def install_masks(self, adapter_name: str, masks: dict[str, torch.Tensor]) -> dict[str, int]:
         """Give every SPEFT layer of the adapter its mask (sorted flat indices, keyed like `sparse_layers`)."""
         config: SparsePeftConfig = self.peft_config[adapter_name]
@@ -106,7 +96,6 @@ class SparseMasks:
             missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
             raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
         return layers
-
 
 
 class SparsePeftModel(SparseMasks, BaseTuner):
