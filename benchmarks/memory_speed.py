@@ -14,6 +14,8 @@ import time
 
 from harness import PeakRss, median, parser_for, rss_bytes, run
 
+from hf_speft.memory import saved_for_backward_bytes
+
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_fold"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
@@ -76,33 +78,6 @@ def _dense_masked_simulation(model, targeted, density):
     return model
 
 
-def _saved_for_backward_bytes(model, batch) -> int:
-    """Bytes autograd keeps for backward in one forward, storages deduplicated, parameters and buffers excluded."""
-    import torch
-
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages = {}
-
-    def pack(tensor):
-        if tensor.layout == torch.sparse_coo:  # SHiRA saves a COO delta: count its index and value storages
-            parts = [tensor._indices(), tensor._values()]
-        elif tensor.layout != torch.strided:
-            raise NotImplementedError(f"saved tensor of layout {tensor.layout}")
-        else:
-            parts = [tensor]
-        for part in parts:
-            storage = part.untyped_storage()
-            if storage.data_ptr() not in owned:
-                storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
-
-
 def worker(method: str, args) -> dict:
     """Train `args.steps` steps of one method and measure it (runs in its own process)."""
     import torch
@@ -114,7 +89,7 @@ def worker(method: str, args) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
-    saved_bytes = _saved_for_backward_bytes(model, batch)
+    saved_bytes = saved_for_backward_bytes(model, batch)
     rss_before = rss_bytes()
     times = []
     with PeakRss() as rss:

@@ -261,6 +261,8 @@ def saved_for_backward_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.layout not in (torch.strided, torch.sparse_coo):
+            raise NotImplementedError(f"saved tensor of layout {tensor.layout}")
         parts = [tensor._indices(), tensor._values()] if tensor.layout == torch.sparse_coo else [tensor]
         for part in parts:
             storage = part.untyped_storage()
