@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "speft-gradient-dynamic": {"method": "speft", "salience": "gradient", "mask_update": "dynamic"},
     "speft-gradient-dynamic-local": {"method": "speft", "salience": "gradient", "mask_update": "dynamic",
                                      "mask_scope": "local"},
+    "speft+lora-gradient": {"method": "speft+lora", "salience": "gradient"},  # hybrid: rank 4 + sparse, same budget
 }
 
 # Chosen by `--sweep` (results/quality_sst2_sweep.json) on one seed (100) that the table does not use: each family's
@@ -47,13 +48,14 @@ VARIANTS: dict[str, dict[str, str]] = {
 # of stability: LoRA's best, 2e-3, diverged on seed 0 while 5e-3 diverged in the sweep, so LoRA takes 5e-4). Grids
 # were widened whenever the best rate sat at an edge. Every SPEFT variant uses the rate swept for speft-gradient.
 SWEEP_GRID = {"full": [2e-5, 5e-5, 1e-4, 2e-4], "lora": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3],
-              "pissa": [5e-5, 2e-4, 5e-4, 1e-3], "speft-gradient": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3]}
+              "pissa": [5e-5, 2e-4, 5e-4, 1e-3], "speft-gradient": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3],
+              "speft+lora-gradient": [5e-4, 1e-3, 2e-3]}
 SWEEP_SEED = 100
 LEARNING_RATES = {"full": 1e-4, "lora": 5e-4, "pissa": 5e-4, "speft": 2e-3}
 
 
 def learning_rate(variant: str) -> float:
-    return LEARNING_RATES["speft" if variant.startswith("speft") else variant]
+    return LEARNING_RATES[VARIANTS[variant]["method"]]
 
 
 def default_model() -> str:
@@ -107,7 +109,7 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, int, float]]:
 
 def recipe_command(args: argparse.Namespace, variant: str, seed: int, rate: float, output_dir: str) -> list[str]:
     flags: dict[str, str | list[str]] = {**VARIANTS[variant]}
-    if flags["method"] == "speft":
+    if flags["method"].startswith("speft"):
         flags.update(salience_batches=str(args.salience_batches), update_interval=str(args.update_interval))
     flags.update(
         model_name_or_path=args.model_name_or_path, task="sst2", max_length=str(args.max_length),

@@ -55,6 +55,11 @@ class SparsePeftConfig(PeftConfig):
             original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
             restored for saving, `disable_adapter`, adapter switches and merges. Refused for quantized or sharded
             (ZeRO-3) bases and with several active adapters.
+        lora_r: Hybrid mode (sparse + low-rank, as in RoSA): with `lora_r > 0` every target also trains a rank-`lora_r`
+            pair B·A in the same adapter. The budget (`density`, `num_params` or `match_lora_rank`) counts both parts:
+            the low-rank part takes exactly Σ lora_r·(m+n) weights, the sparse mask gets the rest. 0: sparse only.
+        lora_alpha: Scaling numerator of the low-rank part (its output is scaled by `lora_alpha / lora_r`).
+        lora_dropout: Dropout on the low-rank part's input.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -110,6 +115,11 @@ class SparsePeftConfig(PeftConfig):
     fold_weights: bool = field(
         default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training."}
     )
+    lora_r: int = field(
+        default=0, metadata={"help": "Hybrid mode: rank of a low-rank pair trained beside the sparse delta (0: none)."}
+    )
+    lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator of the hybrid low-rank part."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the hybrid low-rank part's input."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +165,7 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"reset_optimizer={self.reset_optimizer!r} is not allowed; use one of {OPTIMIZER_RESETS}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
+        self._validate_low_rank()
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config save; next to saved adapter weights (peft writes them first) it also adds the SPEFT section
@@ -188,6 +199,28 @@ class SparsePeftConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer.")
+
+    def _validate_low_rank(self) -> None:
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r!r} must be a non-negative integer (0: no low-rank part).")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must satisfy 0 <= lora_dropout < 1.")
+        if self.lora_r and self.fold_weights:
+            raise ValueError("fold_weights=True folds only a sparse delta; it cannot be combined with lora_r > 0.")
+
+    def budget_split(self, weight_shapes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(sparse, low-rank) numbers of trainable weights across targets of the given (out, in) shapes: the
+        low-rank part of hybrid mode (`lora_r`) takes Σ lora_r·(m+n) of the total budget, the mask the rest."""
+        total = self.total_budget(weight_shapes)
+        low_rank = sum(self.lora_r * (out_f + in_f) for out_f, in_f in weight_shapes)
+        if low_rank and total - low_rank < 1:
+            raise ValueError(
+                f"lora_r={self.lora_r} takes {low_rank} of the budget of {total} trainable weights, leaving none for "
+                "the sparse part; lower lora_r or raise the budget."
+            )
+        return total - low_rank, low_rank
 
     def total_budget(self, weight_shapes: list[tuple[int, int]]) -> int:
         """Number of weights to train across targets of the given (out_features, in_features) shapes."""

@@ -4,7 +4,8 @@ Per adapter the layer holds `speft_indices` (sorted flat positions in the logica
 weight, int32 when they fit), `speft_values` (the trainable deltas, one per index) and `speft_weight_shape` (saved so
 loading can check the base model). After dynamic mask updates, the deltas of entries that left the mask live on as a
 frozen residual (`speft_residual_indices` / `speft_residual_values`, disjoint from the mask), so the adapter always
-holds the whole fine-tune. Forward order follows peft's tuners: disabled -> merged -> sparse path.
+holds the whole fine-tune. In hybrid mode (`lora_r > 0`) an adapter also holds a low-rank pair `speft_lora_A` (r, in)
+and `speft_lora_B` (out, r), added as LoRA adds it. Forward order follows peft's tuners: disabled -> merged -> deltas.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class _FoldedDelta:
 class SparsePeftLayer(BaseTunerLayer):
     """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
 
-    adapter_layer_names = ("speft_values",)
-    other_param_names = ("speft_indices", "speft_weight_shape", "speft_residual_indices", "speft_residual_values")
+    adapter_layer_names = ("speft_values", "speft_lora_A", "speft_lora_B")
+    other_param_names = ("speft_indices", "speft_weight_shape", "speft_residual_indices", "speft_residual_values",
+                         "speft_lora_scaling", "speft_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -92,6 +94,10 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_weight_shape = BufferDict({}, persistent=True)
         self.speft_residual_indices = BufferDict({}, persistent=True)
         self.speft_residual_values = BufferDict({}, persistent=True)
+        self.speft_lora_A = nn.ParameterDict({})
+        self.speft_lora_B = nn.ParameterDict({})
+        self.speft_lora_dropout = nn.ModuleDict({})
+        self.speft_lora_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
@@ -117,8 +123,37 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_weight_shape[adapter_name] = torch.tensor([self.out_features, self.in_features])
         self.set_mask(adapter_name, torch.zeros(0, dtype=torch.int64))
         self.speft_uncalibrated.add(adapter_name)
+        if config.lora_r:
+            self._add_low_rank(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _add_low_rank(self, adapter_name: str, config: SparsePeftConfig) -> None:
+        """Hybrid mode's rank-`lora_r` pair, initialised as LoRA does (A Kaiming-uniform, B zero; B random too when
+        `init_weights=False`)."""
+        r = config.lora_r
+        lora_a = torch.empty(r, self.in_features)
+        lora_b = torch.zeros(self.out_features, r)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        if not config.init_weights:
+            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+        self.speft_lora_A[adapter_name] = nn.Parameter(lora_a)
+        self.speft_lora_B[adapter_name] = nn.Parameter(lora_b)
+        dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.speft_lora_dropout[adapter_name] = dropout
+        self.speft_lora_scaling[adapter_name] = config.lora_alpha / r
+
+    def low_rank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The hybrid low-rank part scaling·B·A as a dense (out, in) float32 tensor, or None without one."""
+        if adapter_name not in self.speft_lora_A:
+            return None
+        lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
+        return (lora_b.detach().float() @ lora_a.detach().float()) * self.speft_lora_scaling[adapter_name]
+
+    def _low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
+        x = self.speft_lora_dropout[adapter_name](x.to(lora_a.dtype))
+        return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.speft_lora_scaling[adapter_name]
 
     def set_mask(
         self,
@@ -285,7 +320,13 @@ class SparsePeftLayer(BaseTunerLayer):
         indices, values = self.delta_entries(adapter_name)
         delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
         delta[self.storage_positions(indices)] = values.to(weight.dtype)
-        return delta.view_as(weight)
+        delta = delta.view_as(weight)
+        low_rank = self._low_rank_in_base_layout(adapter_name)
+        return delta if low_rank is None else delta + low_rank.to(weight.dtype)
+
+    def _low_rank_in_base_layout(self, adapter_name: str) -> Optional[torch.Tensor]:
+        low_rank = self.low_rank_delta(adapter_name)
+        return low_rank.t() if low_rank is not None and self.fan_in_fan_out else low_rank
 
     # ----------------------------------------------------------------- merging
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -305,11 +346,16 @@ class SparsePeftLayer(BaseTunerLayer):
             flat, positions = self._flat_weight(), self.storage_positions(indices)
             original = flat[positions]
             merged = original + values.to(flat.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
+            low_rank = self._low_rank_in_base_layout(adapter_name)
+            if safe_merge and not (
+                torch.isfinite(merged).all() and (low_rank is None or torch.isfinite(low_rank).all())
+            ):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                 )
             flat[positions] = merged
+            if low_rank is not None:  # restored by subtraction, as LoRA's unmerge does
+                self.get_base_layer().weight.data += low_rank.to(flat.dtype)
             self._merge_originals[adapter_name] = (positions, original)
             self.merged_adapters.append(adapter_name)
 
@@ -327,6 +373,9 @@ class SparsePeftLayer(BaseTunerLayer):
                 restore_quantization_state(self.get_base_layer(), saved.state)
                 continue
             positions, original = saved
+            low_rank = self._low_rank_in_base_layout(adapter_name)
+            if low_rank is not None:
+                self.get_base_layer().weight.data -= low_rank.to(original.dtype)
             self._flat_weight()[positions] = original
 
     def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> None:
@@ -338,6 +387,9 @@ class SparsePeftLayer(BaseTunerLayer):
         weight = dequantized_weight(base_layer)
         indices, values = self.delta_entries(adapter_name)
         weight.view(-1)[indices] += values.float()
+        low_rank = self.low_rank_delta(adapter_name)
+        if low_rank is not None:
+            weight += low_rank
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
         self._merge_originals[adapter_name] = original
@@ -418,6 +470,8 @@ class Linear(nn.Module, SparsePeftLayer):
             if not fold and name in self.speft_residual_indices:
                 residual = self.speft_residual_values[name]
                 result = sparse_delta(result, x, residual, self.pattern(name, residual=True))
+            if name in self.speft_lora_A:
+                result = result + self._low_rank_output(name, x).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-METHODS = ("speft", "lora", "pissa", "full")
+METHODS = ("speft", "speft+lora", "lora", "pissa", "full")
+SPEFT_METHODS = ("speft", "speft+lora")
 SPEFT_BUDGETS = ("density", "num_params", "match_lora_rank")
 
 
@@ -32,15 +33,22 @@ class MethodArguments:
     num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
     match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
                                                                            "(default: --lora_r)."})
+    hybrid_lora_r: Optional[int] = field(default=None, metadata={"help": "speft+lora: rank of the low-rank part, "
+                                                                         "which takes that share of the same budget "
+                                                                         "(default: half of --lora_r)."})
 
     def check(self) -> None:
         """A ValueError for an unknown method, a SPEFT budget given to another method, or two SPEFT budgets."""
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not allowed; use one of {METHODS}.")
         given = [name for name in SPEFT_BUDGETS if getattr(self, name) is not None]
-        if self.method != "speft" and given:
+        if self.method not in SPEFT_METHODS and given:
             raise ValueError(f"--{given[0]} sets a SPEFT budget; it does not apply to --method {self.method} (LoRA "
                              "and PiSSA use --lora_r).")
+        if self.hybrid_lora_r is not None and self.method != "speft+lora":
+            raise ValueError(f"--hybrid_lora_r applies to --method speft+lora, not --method {self.method}.")
+        if self.hybrid_lora_r is not None and self.hybrid_lora_r < 1:
+            raise ValueError(f"--hybrid_lora_r {self.hybrid_lora_r} is not allowed; it must be a positive rank.")
         if len(given) > 1:
             raise ValueError(f"Give one SPEFT budget, not {', '.join('--' + name for name in given)}.")
 
@@ -49,7 +57,8 @@ def prepare_model(model: nn.Module, args: MethodArguments, *, target_modules: An
                   task_type: str, lora_dropout: float = 0.0) -> nn.Module:
     """`model` ready to train with `args.method`: full fine-tuning returns it as is; LoRA and PiSSA (peft, rank
     `lora_r`) and SPEFT (budget defaulting to `match_lora_rank=lora_r`) wrap it with `get_peft_model`, so the
-    trainable counts of LoRA, PiSSA and SPEFT are equal."""
+    trainable counts of LoRA, PiSSA and SPEFT are equal. `speft+lora` is SPEFT's hybrid mode at the same budget, with
+    a low-rank part of rank `hybrid_lora_r` (default `lora_r // 2`, at least 1) and the sparse mask taking the rest."""
     from peft import LoraConfig, get_peft_model
 
     from .config import SparsePeftConfig
@@ -61,10 +70,14 @@ def prepare_model(model: nn.Module, args: MethodArguments, *, target_modules: An
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             init_lora_weights="pissa_niter_4" if args.method == "pissa" else True, task_type=task_type))
     budget = {name: getattr(args, name) for name in SPEFT_BUDGETS if getattr(args, name) is not None}
+    hybrid = {}
+    if args.method == "speft+lora":
+        hybrid_r = args.hybrid_lora_r or max(1, lora_r // 2)
+        hybrid = dict(lora_r=hybrid_r, lora_alpha=lora_alpha * hybrid_r / lora_r, lora_dropout=lora_dropout)
     return get_peft_model(model, SparsePeftConfig(
         target_modules=target_modules, task_type=task_type, salience=args.salience, mask_scope=args.mask_scope,
         mask_update=args.mask_update, update_interval=args.update_interval, salience_batches=args.salience_batches,
-        **(budget or {"match_lora_rank": lora_r})))
+        **(budget or {"match_lora_rank": lora_r}), **hybrid))
 
 
 def train_and_save(trainer: Any, method: str) -> tuple[float, int]:

@@ -1,5 +1,5 @@
-"""Fine-tune a sequence classifier on a GLUE task with SPEFT, LoRA, PiSSA or full fine-tuning at a matched budget and
-report the task's GLUE metrics on the dev split.
+"""Fine-tune a sequence classifier on a GLUE task with SPEFT, SPEFT+LoRA (hybrid), LoRA, PiSSA or full fine-tuning at
+a matched budget (as in recipes/gsm8k.py) and report the task's GLUE metrics on the dev split.
 
     python recipes/glue.py --model_name_or_path prajjwal1/bert-tiny --task sst2 --method speft --output_dir out/sst2
     python recipes/glue.py --model_name_or_path ./minilm --task sst2 --dataset_path ../shared/data/sst2 ...
@@ -28,8 +28,8 @@ from trl import TrlParser
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (MethodArguments, RecipeError, peak_memory_bytes, prepare_model, run_recipe,
-                              train_and_save, train_losses, user_input_checks)
+from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
+                              run_recipe, train_and_save, train_losses, user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -180,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
     model = prepare_model(model, method, target_modules=args.target_modules, lora_r=args.lora_r,
                           lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the classifier head trains in all
-    trainer_class = hf_speft.SpeftTrainer if method.method == "speft" else Trainer
+    trainer_class = hf_speft.SpeftTrainer if method.method in SPEFT_METHODS else Trainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=tokenized(train_rows),
                             eval_dataset=tokenized(evaluated["dev"]), data_collator=DataCollatorWithPadding(tokenizer))
     train_time, trainable = train_and_save(trainer, method.method)

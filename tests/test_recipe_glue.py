@@ -47,7 +47,7 @@ def glue_args(model_dir, data_dir, output_dir, method, *extra):
             "--save_strategy", "no", "--use_cpu", "True", *extra]
 
 
-@pytest.mark.parametrize("method", ["speft", "lora", "full"])
+@pytest.mark.parametrize("method", ["speft", "speft+lora", "lora", "full"])
 def test_glue_recipe_end_to_end(tmp_path, tiny_encoder_dir, method):
     data = write_sst2(tmp_path / "sst2")
     glue.main(glue_args(tiny_encoder_dir, data, tmp_path / "out", method))

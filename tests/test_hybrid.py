@@ -1,0 +1,163 @@
+"""Hybrid mode (`lora_r > 0`): a sparse delta plus a low-rank pair in one SPEFT adapter, against a dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODELS, build, inputs_for, logits
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from hf_speft import SparsePeftConfig, calibrate, sparse_layers
+from hf_speft.salience.context import logical_weight
+
+HYBRID_MODELS = ["llama", "gpt2-conv1d"]
+
+
+def hybrid_model(name: str, **kwargs):
+    _, targets, to_save = MODELS[name]
+    options = dict(target_modules=targets, modules_to_save=to_save, match_lora_rank=4, lora_r=2, lora_alpha=4,
+                   salience="magnitude", init_weights=False)
+    options.update(kwargs)
+    return get_peft_model(build(name), SparsePeftConfig(**options))
+
+
+def dense_reference(name: str, model, adapter: str = "default"):
+    """The base model with the adapter's sparse entries and scaling·B·A added to its dense weights."""
+    reference = build(name)
+    for module_name, layer in sparse_layers(model, adapter).items():
+        weight = reference.get_submodule(module_name.removeprefix("base_model.model.")).weight
+        delta = torch.zeros(layer.out_features * layer.in_features)
+        indices, values = layer.delta_entries(adapter)
+        delta[indices] = values
+        delta = delta.view(layer.out_features, layer.in_features)
+        delta += layer.speft_lora_B[adapter].detach() @ layer.speft_lora_A[adapter].detach() * 2.0  # alpha 4 / r 2
+        weight.data += delta.t() if layer.fan_in_fan_out else delta
+    return reference
+
+
+def test_hybrid_budget_is_split_exactly_between_the_mask_and_the_low_rank_pair():
+    model = hybrid_model("llama")
+    layers = sparse_layers(model)
+    low_rank = sum(2 * (layer.out_features + layer.in_features) for layer in layers.values())
+    total = sum(4 * (layer.out_features + layer.in_features) for layer in layers.values())
+    nnz = sum(layer.speft_values["default"].numel() for layer in layers.values())
+    assert nnz == total - low_rank > 0
+    assert model.get_nb_trainable_parameters()[0] == total
+    config = model.peft_config["default"]
+    shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
+    assert config.budget_split(shapes) == (total - low_rank, low_rank)
+
+
+@pytest.mark.parametrize("name", HYBRID_MODELS)
+def test_hybrid_forward_matches_the_dense_reference(name):
+    batch = inputs_for(name)
+    model = hybrid_model(name)
+    torch.testing.assert_close(logits(model, batch), logits(dense_reference(name, model), batch))
+
+
+@pytest.mark.parametrize("name", HYBRID_MODELS)
+def test_hybrid_merge_equals_adapter_output_and_unmerge_restores_the_base(name):
+    batch = inputs_for(name)
+    model = hybrid_model(name)
+    expected = logits(model, batch)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    base = build(name).state_dict()
+    for key, value in model.unload().state_dict().items():
+        torch.testing.assert_close(value, base[key], atol=1e-6, rtol=0)
+
+
+def test_hybrid_merge_and_unload_matches_the_adapter():
+    batch = inputs_for("llama")
+    model = hybrid_model("llama")
+    expected = logits(model, batch)
+    merged = model.merge_and_unload(safe_merge=True)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_safe_merge_catches_a_broken_low_rank_part():
+    model = hybrid_model("llama")
+    with torch.no_grad():
+        next(iter(sparse_layers(model).values())).speft_lora_B["default"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_hybrid_save_load_round_trip(tmp_path):
+    batch = inputs_for("llama")
+    model = hybrid_model("llama")
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(key.endswith("speft_lora_A") for key in saved) and any(key.endswith("speft_lora_B") for key in saved)
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path)
+    assert loaded.peft_config["default"].lora_r == 2
+    torch.testing.assert_close(logits(loaded, batch), expected)
+
+
+def test_hybrid_training_updates_only_the_sparse_values_and_the_low_rank_pair():
+    model = hybrid_model("llama", init_weights=True)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = inputs_for("llama")
+    losses = []
+    for _ in range(10):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+    assert changed and all(".speft_values." in n or ".speft_lora_" in n for n in changed)
+    assert any(".speft_lora_B." in n for n in changed) and any(".speft_values." in n for n in changed)
+
+
+def test_hybrid_salience_scores_the_weight_with_the_low_rank_part_present():
+    model = hybrid_model("llama")
+    layer = next(iter(sparse_layers(model).values()))
+    expected = layer.get_base_layer().weight.detach().clone()
+    indices, values = layer.delta_entries("default")
+    expected.view(-1)[indices] += values.detach()
+    expected += layer.low_rank_delta("default")
+    torch.testing.assert_close(logical_weight(layer), expected)
+
+
+def test_hybrid_calibration_selects_the_sparse_part_of_the_budget():
+    model = hybrid_model("llama", salience="gradient", salience_batches=2, init_weights=True)
+    batches = [inputs_for("llama", seed=seed) for seed in range(2)]
+    calibrate(model, batches, show_progress=False)
+    layers = sparse_layers(model)
+    total = sum(4 * (layer.out_features + layer.in_features) for layer in layers.values())
+    low_rank = sum(2 * (layer.out_features + layer.in_features) for layer in layers.values())
+    assert sum(layer.speft_values["default"].numel() for layer in layers.values()) == total - low_rank
+
+
+def test_deleting_a_hybrid_adapter_removes_its_low_rank_pair():
+    model = hybrid_model("llama")
+    _, targets, _ = MODELS["llama"]
+    model.add_adapter("other", SparsePeftConfig(target_modules=targets, density=0.05, salience="magnitude"))
+    model.delete_adapter("default")
+    for layer in sparse_layers(model).values():
+        assert "default" not in layer.speft_lora_A and "default" not in layer.speft_lora_scaling
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lora_r=-1), "lora_r=-1 must be a non-negative integer"),
+        (dict(lora_r=2, lora_alpha=0), "lora_alpha=0 must be a positive number"),
+        (dict(lora_r=2, lora_dropout=1.0), "lora_dropout=1.0 must satisfy"),
+        (dict(lora_r=2, fold_weights=True), "cannot be combined with lora_r"),
+    ],
+)
+def test_bad_hybrid_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        SparsePeftConfig(target_modules=["q_proj"], match_lora_rank=4, **options)
+
+
+def test_a_low_rank_part_that_takes_the_whole_budget_is_refused():
+    with pytest.raises(ValueError, match="lora_r=4 takes .* leaving none for the sparse part"):
+        hybrid_model("llama", lora_r=4)
