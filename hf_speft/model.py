@@ -58,10 +58,11 @@ class SparseMasks:
             self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
 
     def adapter_budget(self, adapter_name: str) -> int:
-        """The number of weights the adapter's configured budget trains across its SPEFT layers."""
+        """The number of weights the adapter's mask trains across its SPEFT layers (its configured budget, less the
+        low-rank part of hybrid mode)."""
         layers = sparse_layers(self.model, adapter_name)
         shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
-        return self.peft_config[adapter_name].total_budget(shapes)
+        return self.peft_config[adapter_name].budget_split(shapes)[0]
 
     def install_masks(self, adapter_name: str, masks: dict[str, torch.Tensor]) -> dict[str, int]:
         """Give every SPEFT layer of the adapter its mask (sorted flat indices, keyed like `sparse_layers`)."""
@@ -148,6 +149,16 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         )
         if not low_cpu_mem_usage:
             self.build_data_free_masks(adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft upcasts half-precision adapter weights to float32. On a DeepSpeed ZeRO-3 partitioned base they keep
+        the base dtype instead: ZeRO-3 gathers parameters in one dtype, and mixed fp32/bf16 parameters break it."""
+        from .integrations.deepspeed import is_partitioned
+
+        layers = sparse_layers(self.model, adapter_name).values()
+        if any(is_partitioned(layer.get_base_layer().weight) for layer in layers):
+            autocast_adapter_dtype = False
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .integrations.deepspeed import mark_empty_parameters_available
 from .model import sparse_layers, speft_tuner
 from .salience import adapter_salience_groups, calibrate
 
@@ -212,9 +213,27 @@ class SpeftCallback(TrainerCallback):
                 "The SPEFT adapter has no mask yet: call `MaskUpdater.calibrate()` before `trainer.train()`, or use "
                 "hf_speft.SpeftTrainer / SpeftSFTTrainer, which calibrate for you."
             )
+        mark_empty_parameters_available(self.updater.model)  # ZeRO-3 (the engine is built by now); else a no-op
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.updater.step(state.global_step, optimizer)
+
+
+def _gradient_checkpointing_guards(model: nn.Module, args: Any) -> None:
+    """The guards trl's SFTTrainer applies to PEFT models with gradient checkpointing: reentrant checkpointing under
+    DeepSpeed ZeRO-3 (non-reentrant recomputation sees partitioned weights, transformers#47254) and inputs that
+    require grad, without which checkpointed blocks of a frozen base pass no gradient to the adapter."""
+    if not args.gradient_checkpointing:
+        return
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        kwargs = dict(args.gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant") is False:
+            logger.warning("SPEFT with DeepSpeed ZeRO-3 needs reentrant gradient checkpointing; use_reentrant=False "
+                           "is overridden to True.")
+        kwargs["use_reentrant"] = True
+        args.gradient_checkpointing_kwargs = kwargs
+    model.enable_input_require_grads()
 
 
 class SpeftTrainerMixin:
@@ -227,6 +246,7 @@ class SpeftTrainerMixin:
     def __init__(self, *args: Any, calibration_dataset: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         speft_tuner(self.model)
+        _gradient_checkpointing_guards(self.model, self.args)
         self.calibration_dataset = calibration_dataset
         self._mask_updater: Optional[MaskUpdater] = None
         self.add_callback(_TrainerMaskUpdates(self))

@@ -1,5 +1,5 @@
-"""Fine-tune a causal LM on GSM8K with SPEFT, LoRA, PiSSA or full fine-tuning at a matched budget, then score greedy
-answers on the test split with lm-eval-harness's two GSM8K metrics (strict-match and flexible-extract).
+"""Fine-tune a causal LM on GSM8K with SPEFT, SPEFT+LoRA, LoRA, PiSSA or full fine-tuning at a matched budget, then
+score greedy answers on the test split with lm-eval-harness's two GSM8K metrics (strict-match and flexible-extract).
 
     python recipes/gsm8k.py --model_name_or_path Qwen/Qwen2-0.5B --method speft --output_dir out/speft
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/gsm8k.py --config cfg.yaml
@@ -7,8 +7,9 @@ answers on the test split with lm-eval-harness's two GSM8K metrics (strict-match
         --lora_r 8 --eval_limit 50 --output_dir out/lora
 
 Budgets: LoRA and PiSSA train r·(m+n) weights per targeted matrix; SPEFT uses `--match_lora_rank` (default: the same
-`--lora_r`), or `--density` / `--num_params`. Every method prints its trainable count. Results (metrics, config,
-trainable parameters, train time, peak memory) go to OUTPUT_DIR/results.json.
+`--lora_r`), or `--density` / `--num_params`; `speft+lora` (SPEFT's hybrid mode) spends the same budget on a rank
+`--hybrid_lora_r` pair (default half of `--lora_r`) plus a sparse mask. Every method prints its trainable count.
+Results (metrics, config, trainable parameters, train time, peak memory) go to OUTPUT_DIR/results.json.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Optional
 import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (MethodArguments, RecipeError, peak_memory_bytes, prepare_model, run_recipe,
-                              train_and_save, train_losses, user_input_checks)
+from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
+                              run_recipe, train_and_save, train_losses, user_input_checks)
 
 PROMPT = "Question: {question}\nAnswer:"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -118,7 +120,9 @@ def check_arguments(method: MethodArguments, model_args: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
+                     synced_gpus: bool = False) -> list[str]:
+    """Greedy answers to `rows`; `synced_gpus` when every rank must take part in each forward (ZeRO-3)."""
     model.eval()
     tokenizer.padding_side = "left"
     outputs = []
@@ -126,7 +130,7 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, ba
         prompts = [PROMPT.format(question=row["question"]) for row in rows[start:start + batch_size]]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+                                   pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
         outputs += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return outputs
 
@@ -149,15 +153,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = prepare_model(model, method, target_modules=model_args.lora_target_modules or "all-linear",
                           lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                           lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM")
-    trainer_class = hf_speft.SpeftSFTTrainer if method.method == "speft" else SFTTrainer
+    trainer_class = hf_speft.SpeftSFTTrainer if method.method in SPEFT_METHODS else SFTTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=prompt_completion(train_rows),
                             processing_class=tokenizer)
     train_time, trainable = train_and_save(trainer, method.method)
 
     results: dict = {}
-    if trainer.accelerator.is_main_process:
+    zero3 = is_deepspeed_zero3_enabled()  # partitioned weights: every rank takes part in each forward
+    if zero3 or trainer.accelerator.is_main_process:
         outputs = generate_answers(trainer.model, tokenizer, test_rows, args.max_new_tokens,
-                                   training_args.per_device_eval_batch_size)
+                                   training_args.per_device_eval_batch_size, synced_gpus=zero3)
+    if trainer.accelerator.is_main_process:
         results = {
             "method": method.method,
             "metrics": score(outputs, [row["answer"] for row in test_rows]),

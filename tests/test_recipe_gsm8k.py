@@ -91,7 +91,7 @@ def recipe_args(model_dir: Path, data_dir: Path, output_dir: Path, method: str, 
             "--bf16", "False", "--logging_steps", "1", *extra]
 
 
-@pytest.mark.parametrize("method", ["speft", "lora", "pissa", "full"])
+@pytest.mark.parametrize("method", ["speft", "speft+lora", "lora", "pissa", "full"])
 def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
     data = write_dataset(tmp_path / "data")
     results = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", method))
@@ -105,7 +105,8 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
         assert saved["trainable_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
             tiny_model_dir).parameters())
         return
-    # LoRA, PiSSA (rank 2) and SPEFT (match_lora_rank=2) train the same number of weights on q_proj/v_proj.
+    # LoRA, PiSSA (rank 2), SPEFT (match_lora_rank=2) and SPEFT+LoRA (rank 1 + sparse) train the same number of
+    # weights on q_proj/v_proj.
     lora_count = 2 * sum(2 * (32 + out) for out in (32, 16))
     assert saved["trainable_params"] == lora_count
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
@@ -116,6 +117,8 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
     (["--method", "prefix"], "--method 'prefix' is not allowed"),
     (["--method", "lora", "--density", "0.01"], "--density sets a SPEFT budget"),
     (["--density", "0.01", "--num_params", "10"], "Give one SPEFT budget"),
+    (["--hybrid_lora_r", "1"], "--hybrid_lora_r applies to --method speft\\+lora, not --method speft"),
+    (["--method", "speft+lora", "--hybrid_lora_r", "0"], "--hybrid_lora_r 0 is not allowed"),
 ])
 def test_bad_arguments_fail_before_work(tmp_path, tiny_model_dir, extra, message):
     data = write_dataset(tmp_path / "data")
@@ -144,6 +147,25 @@ def test_recipe_on_two_processes(tmp_path, tiny_model_dir, method):
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     else:
         assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_recipe_speft_under_deepspeed_zero3(tmp_path, tiny_model_dir):
+    """`--deepspeed` (TrainingArguments' own flag) on 2 processes: the model loads partitioned, SPEFT calibrates and
+    trains, and the saved adapter holds every value."""
+    from safetensors.torch import load_file
+
+    config = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+              "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    torchrun_two_processes(RECIPE, recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out",
+                                               "speft", "--deepspeed", str(tmp_path / "zero3.json")), timeout=900)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["world_size"] == 2 and saved["trainable_params"] == 2 * sum(2 * (32 + out) for out in (32, 16))
+    values = [v for k, v in load_file(tmp_path / "out" / "adapter_model.safetensors").items() if "speft_values" in k]
+    assert sum(v.numel() for v in values) == saved["trainable_params"]
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
 
 
 @pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),

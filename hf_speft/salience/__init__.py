@@ -33,6 +33,7 @@ for _name, _fn, _data_free in (
     register_salience(_name, _fn, data_free=_data_free, overwrite=True)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PER_WEIGHT_MEASURES = ("magnitude", "random")  # they read weights only, never run the model
 
 
 def _checked_scores(measure: str, scores: dict[str, torch.Tensor], ctx: SalienceContext) -> dict[str, torch.Tensor]:
@@ -56,11 +57,22 @@ def _run_measure(measure: str, ctx: SalienceContext) -> dict[str, torch.Tensor]:
     if not spec.data_free and ctx.dataloader is None:
         raise ValueError(f"Salience measure {measure!r} needs data; pass a dataloader yielding batches with labels.")
     start = time.perf_counter()
-    scores = _checked_scores(measure, spec.fn(ctx), ctx)
+    with _model_gathered(measure, ctx):
+        scores = _checked_scores(measure, spec.fn(ctx), ctx)
     if not spec.data_free:  # built-ins already reduce their raw statistics; this keeps any measure rank-identical
         scores = averaged_across_processes(scores)
     logger.info("salience %r over %d modules took %.2fs", measure, len(ctx.layers), time.perf_counter() - start)
     return scores
+
+
+def _model_gathered(measure: str, ctx: SalienceContext):
+    """Under ZeRO-3, measures that run the model see its full weights (gathered once for the salience pass); the
+    per-weight measures read one gathered layer at a time through `ctx.weight`."""
+    from ..integrations.deepspeed import gathered
+
+    if measure in PER_WEIGHT_MEASURES or ctx.model is None:
+        return gathered([])
+    return gathered(ctx.model.parameters())
 
 
 def adapter_salience_groups(

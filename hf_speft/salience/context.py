@@ -23,7 +23,8 @@ def logical_weight(module: nn.Module) -> torch.Tensor:
         weight = _base_weight(module.get_base_layer(), module.fan_in_fan_out)
         if module.merged or module.disable_adapters:
             return weight
-        deltas = [name for name in module.active_adapters if name in module.speft_values]
+        deltas = [name for name in module.active_adapters
+                  if name in module.speft_values and name not in module.speft_uncalibrated]
         if not deltas:
             return weight
         weight = weight.clone(memory_format=torch.contiguous_format)
@@ -31,6 +32,9 @@ def logical_weight(module: nn.Module) -> torch.Tensor:
         for name in deltas:
             indices, values = module.delta_entries(name)
             flat[indices] += values.float()
+            low_rank = module.low_rank_delta(name)
+            if low_rank is not None:
+                weight += low_rank.to(weight.device)
         return weight
     return _base_weight(module, isinstance(module, Conv1D))
 
@@ -43,8 +47,13 @@ def _base_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
         from ..integrations.bnb import dequantized_weight
 
         return dequantized_weight(base_layer)
-    weight = base_layer.weight.detach()
-    return (weight.t() if transposed else weight).float()
+    from ..integrations.deepspeed import gathered, is_partitioned
+
+    weight = base_layer.weight
+    with gathered([weight]):  # ZeRO-3: one layer's weight at a time, copied before it is partitioned again
+        weight = weight.detach()
+        weight = (weight.t() if transposed else weight).float()
+        return weight.clone() if is_partitioned(base_layer.weight) else weight
 
 
 @dataclass

@@ -1,0 +1,47 @@
+"""DeepSpeed ZeRO-3: reading weights that ZeRO-3 has partitioned across ranks.
+
+Under ZeRO-3 a parameter's `.data` is an empty placeholder except inside DeepSpeed's module hooks or a
+`deepspeed.zero.GatheredParameters` block. Salience reads weights outside the engine's hooks (it runs before the engine
+is built, so the mask's size is fixed when DeepSpeed partitions the adapter), so it gathers them here. DeepSpeed is
+imported only when a partitioned parameter is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """True for a parameter managed by ZeRO-3 (it carries a `ds_id`)."""
+    return hasattr(parameter, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(parameters: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the ZeRO-3 partitioned `parameters` hold their full data on every rank (read-only: changes are
+    not written back); a no-op for plain parameters."""
+    parameters = [parameter for parameter in parameters if is_partitioned(parameter)]
+    if not parameters:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+        yield
+
+
+def mark_empty_parameters_available(model: torch.nn.Module) -> int:
+    """Work around ZeRO-3 never gathering a parameter that has no elements, then asserting that it was gathered when
+    its module runs backward: a SPEFT layer to which a global mask gave no entries holds such an empty `values`
+    parameter. Marks those as available (there is nothing to gather); call after the engine is built. Returns how many
+    were marked."""
+    empty = [parameter for parameter in model.parameters() if is_partitioned(parameter) and parameter.ds_numel == 0]
+    if empty:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for parameter in empty:
+            parameter.ds_status = ZeroParamStatus.AVAILABLE
+    return len(empty)
