@@ -1,7 +1,7 @@
 """Quality on real weights and real data: every salience measure against LoRA, PiSSA and full fine-tuning at a
 matched budget, fine-tuning the pretrained MiniLM encoder (all-MiniLM-L6-v2) on GLUE SST-2.
 
-    python benchmarks/quality.py                  # the README table: 15 methods x 3 seeds, ~1.5 h on 2 CPU cores
+    python benchmarks/quality.py                  # the README table: 16 methods x 3 seeds, ~1.5 h on 2 CPU cores
     python benchmarks/quality.py --sweep          # the learning-rate sweep behind LEARNING_RATES (one seed, on dev)
     python benchmarks/quality.py --methods lora speft-gradient --seeds 0 --max_steps 30   # a smoke run
 
@@ -49,9 +49,9 @@ VARIANTS: dict[str, dict[str, str]] = {
 # were widened whenever the best rate sat at an edge. Every SPEFT variant uses the rate swept for speft-gradient.
 SWEEP_GRID = {"full": [2e-5, 5e-5, 1e-4, 2e-4], "lora": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3],
               "pissa": [5e-5, 2e-4, 5e-4, 1e-3], "speft-gradient": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3],
-              "speft+lora-gradient": [5e-4, 1e-3, 2e-3]}
+              "speft+lora-gradient": [5e-4, 1e-3, 2e-3, 5e-3]}
 SWEEP_SEED = 100
-LEARNING_RATES = {"full": 1e-4, "lora": 5e-4, "pissa": 5e-4, "speft": 2e-3}
+LEARNING_RATES = {"full": 1e-4, "lora": 5e-4, "pissa": 5e-4, "speft": 2e-3, "speft+lora": 2e-3}
 
 
 def learning_rate(variant: str) -> float:
@@ -205,6 +205,7 @@ def plot(summary: list[dict], path: str) -> None:
 def write(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     summary = summarize(runs)
     config = {name: value for name, value in vars(args).items() if name not in ("output", "plot", "resume")}
+    config["methods"] = [variant for variant in VARIANTS if any(run["method"] == variant for run in runs)]
     report = {"benchmark": "quality_sst2_sweep" if args.sweep else "quality_sst2", "config": config,
               "learning_rates": LEARNING_RATES, "runs": runs, "summary": summary}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,20 @@ def test_bad_hybrid_options_are_refused(options, message):
 def test_a_low_rank_part_that_takes_the_whole_budget_is_refused():
     with pytest.raises(ValueError, match="lora_r=4 takes .* leaving none for the sparse part"):
         hybrid_model("llama", lora_r=4)
+
+
+def test_hybrid_layer_keeps_no_dense_delta_for_backward():
+    """O(nnz + r·(m+n)) state: the only weight-sized tensor autograd saves is the frozen base weight itself."""
+    model = hybrid_model("llama", init_weights=True)
+    layer = next(iter(sparse_layers(model).values()))
+    weight = layer.get_base_layer().weight
+    saved = []
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    weight_sized = [t for t in saved if t.numel() >= weight.numel()]
+    assert weight_sized and all(t.data_ptr() == weight.data_ptr() for t in weight_sized)
+    out.sum().backward()
+    assert layer.speft_lora_B["default"].grad is not None and layer.speft_values["default"].grad.shape == (
+        layer.speft_values["default"].numel(),)
+    assert weight.grad is None

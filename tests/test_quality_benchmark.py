@@ -42,8 +42,9 @@ def test_quality_harness_end_to_end(tmp_path, capsys):
 
 
 def test_every_variant_maps_to_recipe_flags():
-    assert len(quality.VARIANTS) == 15
+    assert len(quality.VARIANTS) == 16
     assert set(quality.MEASURES) <= {variant.get("salience") for variant in quality.VARIANTS.values()}
+    assert all(quality.learning_rate(variant) > 0 for variant in quality.VARIANTS)
     args = quality.parse_args(["--model_name_or_path", "m", "--data_dir", "hub"])
     command = quality.recipe_command(args, "speft-gradient-dynamic-local", 1, 1e-3, "out")
 
@@ -52,6 +53,8 @@ def test_every_variant_maps_to_recipe_flags():
 
     assert flag("mask_update") == "dynamic" and flag("mask_scope") == "local" and flag("seed") == "1"
     assert "--dataset_path" not in command and flag("max_train_samples") == "8000"
+    hybrid = quality.recipe_command(args, "speft+lora-gradient", 0, 2e-3, "out")
+    assert hybrid[hybrid.index("--method") + 1] == "speft+lora" and "--salience_batches" in hybrid
     sweep = quality.planned_runs(quality.parse_args(["--model_name_or_path", "m", "--data_dir", "hub", "--sweep"]))
     assert {seed for _, seed, _ in sweep} == {quality.SWEEP_SEED}
     assert len(sweep) == sum(map(len, quality.SWEEP_GRID.values()))
