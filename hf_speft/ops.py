@@ -1,11 +1,11 @@
 """Sparse-delta kernels: y = base(x) + x·Δᵀ with Δ given by (indices, values), never materialising a dense Δ.
 
 `SparsePattern` derives the CSR structures of a fixed mask once (O(nnz + rows + cols)); `sparse_delta` is the
-autograd entry point. The forward is one `addmm(base_outᵀ, Δ, xᵀ)` with Δ in CSR as stored, transposed back into a
-contiguous output: `addmm(base_out, x, Δᵀ)` converts and sorts its sparse operand on every call and measured up to
-2.8x slower per layer at width 1024 and 3-6x at width 384 on this CPU. The backward computes the gradient of the
-values only at the mask, with a sampled dense-dense matmul (SDDMM: `grad_values[j] = Σ_t g[t, row_j] · x[t, col_j]`),
-and saves nothing but the input `x` for it.
+autograd entry point. The forward computes Δ·xᵀ with Δ in CSR as stored and adds its transpose to the base output
+(dense-times-sparse `x·Δᵀ` converts and sorts its sparse operand on every call and measured up to 2.8x slower per
+layer at width 1024 on this CPU). The backward computes the gradient of the values only at the mask, with a sampled
+dense-dense matmul (SDDMM: `grad_values[j] = Σ_t g[t, row_j] · x[t, col_j]`), and saves nothing but the input `x`
+for it. Both backward products read one contiguous copy of gᵀ: CSR products on a strided operand ran ~3x slower.
 Half-precision inputs run the sparse kernels in float32 (CPU has no bf16/fp16 CSR kernels); the cast is transient.
 """
 
@@ -81,14 +81,13 @@ class SparsePattern:
         return torch.sparse_csr_tensor(self.transposed_crow, self.transposed_col, values[self.transposed_order], shape,
                                        check_invariants=False)
 
-    def sampled_product(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(grad_outᵀ · x) at the mask positions, in index order; grad_out is (T, out), x is (T, in)."""
-        mask = self._sampling_masks.get(grad_out.dtype)
+    def sampled_product(self, grad_out_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(grad_outᵀ · x) at the mask positions, in index order; grad_out_t is (out, T), x is (T, in)."""
+        mask = self._sampling_masks.get(grad_out_t.dtype)
         if mask is None:
-            zeros = torch.zeros(self.nnz, dtype=grad_out.dtype, device=grad_out.device)
-            mask = self._sampling_masks[grad_out.dtype] = self.delta(zeros)
-        # A contiguous grad_outᵀ costs one copy and makes the sampled product ~3x faster than a strided view.
-        return torch.sparse.sampled_addmm(mask, grad_out.t().contiguous(), x, beta=0.0).values()
+            zeros = torch.zeros(self.nnz, dtype=grad_out_t.dtype, device=grad_out_t.device)
+            mask = self._sampling_masks[grad_out_t.dtype] = self.delta(zeros)
+        return torch.sparse.sampled_addmm(mask, grad_out_t, x, beta=0.0).values()
 
 
 class _SparseDeltaFunction(torch.autograd.Function):
@@ -104,9 +103,9 @@ class _SparseDeltaFunction(torch.autograd.Function):
         compute_dtype = _compute_dtype(x.dtype)
         x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         base2d = base_out.reshape(-1, base_out.shape[-1]).to(compute_dtype)
-        with _no_autocast(x.device):  # (Δ·xᵀ + base_outᵀ)ᵀ: one CSR-times-dense addmm, Δ used as stored
-            out = torch.addmm(base2d.t(), pattern.delta(values.to(compute_dtype)), x2d.t()).t()
-        return out.contiguous().reshape(base_out.shape).to(base_out.dtype)
+        with _no_autocast(x.device):  # (Δ·xᵀ)ᵀ: a CSR-times-dense product with Δ used as stored, transposed back
+            out = torch.sparse.mm(pattern.delta(values.to(compute_dtype)), x2d.t()).t().contiguous().add_(base2d)
+        return out.reshape(base_out.shape).to(base_out.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -122,12 +121,13 @@ class _SparseDeltaFunction(torch.autograd.Function):
     def _sparse_grads(ctx, x, values, g2d, compute_dtype):
         pattern: SparsePattern = ctx.pattern
         grad_x = grad_values = None
+        g_t = g2d.t().contiguous()  # one copy serves both sparse products, which are ~3x slower on a strided gᵀ
         if ctx.needs_input_grad[1] and ctx.add_delta:
             delta_t = pattern.delta_transposed(values.to(compute_dtype))
-            grad_x = torch.sparse.mm(delta_t, g2d.t()).t().reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = torch.sparse.mm(delta_t, g_t).t().contiguous().reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-            grad_values = pattern.sampled_product(g2d, x2d)
+            grad_values = pattern.sampled_product(g_t, x2d)
         return grad_x, grad_values
 
 
