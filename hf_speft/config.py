@@ -118,7 +118,7 @@ class SparsePeftConfig(PeftConfig):
     lora_r: int = field(
         default=0, metadata={"help": "Hybrid mode: rank of a low-rank pair trained beside the sparse delta (0: none)."}
     )
-    lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator of the hybrid low-rank part."})
+    lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator of the hybrid low-rank part."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the hybrid low-rank part's input."})
 
     def __post_init__(self) -> None:

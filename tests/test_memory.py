@@ -68,7 +68,7 @@ def test_counts_and_state_bytes_match_a_real_model(method):
 def test_sparse_layout_bytes_formula_matches_the_layout():
     indices = torch.randperm(48 * 40)[:300].sort().values
     pattern = SparsePattern(indices, 48, 40)
-    pattern.sampled_product(torch.randn(5, 48), torch.randn(5, 40))  # creates the sampling mask
+    pattern.sampled_product(torch.randn(48, 5), torch.randn(5, 40))  # creates the sampling mask
     assert SparsePattern.state_bytes(300, 48, 40) == pattern.nbytes() + 300 * 4  # + the layer's index buffer
 
 
