@@ -106,3 +106,27 @@ def test_synflow_refuses_quantized_weights(checkpoint):
     with warnings.catch_warnings(), pytest.raises(ValueError, match="quantized"):
         get_peft_model(quantized(checkpoint, "8bit"), SparsePeftConfig(target_modules=TARGETS, density=0.05,
                                                                        salience="synflow"))
+
+
+def test_hybrid_adapter_on_an_8bit_base_merges_both_parts(checkpoint):
+    """The low-rank part of hybrid mode is added by the quantized merge too; unmerge restores the base exactly."""
+    model = get_peft_model(quantized(checkpoint, "8bit"), SparsePeftConfig(
+        target_modules=TARGETS, match_lora_rank=4, lora_r=2, lora_alpha=64, salience="magnitude",
+        init_weights=False)).eval()  # a large low-rank part, well above the requantization noise
+    inputs = {"input_ids": batch(3)["input_ids"]}
+    with torch.no_grad():
+        adapter_out = model(**inputs).logits
+        with model.disable_adapter():
+            base_out = model(**inputs).logits
+        with pytest.warns(UserWarning, match="requantizes"):
+            model.merge_adapter()
+        merged_out = model(**inputs).logits
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**inputs).logits, base_out)
+        torch.testing.assert_close(model(**inputs).logits, adapter_out)
+        for layer in sparse_layers(model).values():  # the sparse part alone
+            layer.speft_lora_B["default"].zero_()
+        sparse_only_out = model(**inputs).logits
+    # Requantizing adds noise; the merged model is still nearer the whole adapter than its sparse part alone.
+    assert (merged_out - adapter_out).abs().mean() < 0.5 * (merged_out - sparse_only_out).abs().mean()
