@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from .data import read_jsonl
 from .hub import ADAPTER_WEIGHTS, AdapterFolderError, human_bytes, summarize_adapter
+from .memory import METHODS as MEMORY_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -318,10 +319,10 @@ def estimate_command(args: argparse.Namespace) -> None:
           f"{args.num_gpus} GPU(s), ZeRO stage {args.zero_stage}"
           f"{', 8-bit base' if args.load_in_8bit else ', 4-bit base' if args.load_in_4bit else ''}"
           f"{'' if args.no_gradient_checkpointing else ', gradient checkpointing'}")
-    print(f"{'method':8s} {'trainable':>13s} " + " ".join(f"{part[:-6]:>12s}" for part in ESTIMATE_PARTS))
+    print(f"{'method':10s} {'trainable':>13s} " + " ".join(f"{part[:-6]:>12s}" for part in ESTIMATE_PARTS))
     for estimate in estimates:
         parts = estimate.as_dict()
-        print(f"{estimate.method:8s} {estimate.trainable_params:>13,} "
+        print(f"{estimate.method:10s} {estimate.trainable_params:>13,} "
               + " ".join(f"{human_bytes(parts[part]):>12s}" for part in ESTIMATE_PARTS))
 
 
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate", help="per-GPU training memory from a model's config alone, SPEFT beside LoRA/PiSSA/full",
         epilog="example: hf-speft estimate meta-llama/Meta-Llama-3-8B --load_in_8bit --seq_len 512 --batch_size 4")
     estimate.add_argument("model", help="causal LM Hub id or folder (only config.json is read)")
-    estimate.add_argument("--methods", nargs="+", choices=["speft", "lora", "pissa", "full"],
+    estimate.add_argument("--methods", nargs="+", choices=list(MEMORY_METHODS),
                           default=["speft", "lora", "full"])
     estimate.add_argument("--lora_r", type=int, default=8, help="LoRA/PiSSA rank and SPEFT's matched budget")
     estimate.add_argument("--target_modules", nargs="+", default=["all-linear"])

@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-METHODS = ("speft", "lora", "pissa", "full")
+METHODS = ("speft", "speft+lora", "lora", "pissa", "full")
+SPEFT_METHODS = ("speft", "speft+lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAM_STATES = 2  # AdamW keeps two float32 moments per trainable parameter
 
@@ -65,7 +66,8 @@ def estimate_memory(
     """Estimate per-GPU training memory of `method` on a causal LM given by a Hub id, a folder or a config.
 
     LoRA and PiSSA train rank `lora_r`; SPEFT trains the budget given by one of `density`, `num_params` or
-    `match_lora_rank` (default: `match_lora_rank=lora_r`). `batch_size` is per GPU. ZeRO stage 1 shards optimizer
+    `match_lora_rank` (default: `match_lora_rank=lora_r`); `speft+lora` is SPEFT's hybrid mode at that budget, with a
+    low-rank part of rank `lora_r // 2` (at least 1), as the recipes' `--method speft+lora`. `batch_size` is per GPU. ZeRO stage 1 shards optimizer
     state over `num_gpus`, stage 2 also gradients, stage 3 also weights.
     """
     _check_arguments(method, zero_stage, num_gpus, load_in_8bit, load_in_4bit, seq_len, batch_size, dtype)
@@ -76,7 +78,7 @@ def estimate_memory(
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_params = sum(p.numel() for p in trainable) + (_speft_budget(model) if method == "speft" else 0)
+    trainable_params = sum(p.numel() for p in trainable) + (_speft_budget(model) if method in SPEFT_METHODS else 0)
     quantizable = _quantizable_weights(model) if quantization else set()
     frozen_bytes = sum(_stored_bytes(p, quantization if id(p) in quantizable else None)
                        for p in model.parameters() if not p.requires_grad)
@@ -99,8 +101,8 @@ def estimate_memory(
     if zero_stage == 3:
         base //= num_gpus
         adapter_weights //= num_gpus
-    layout = _speft_layout_bytes(model) if method == "speft" else 0  # buffers: ZeRO does not shard them
-    traced = (lambda m: _as_traced_speft(wrap(m))) if method == "speft" else wrap
+    layout = _speft_layout_bytes(model) if method in SPEFT_METHODS else 0  # buffers: ZeRO does not shard them
+    traced = (lambda m: _as_traced_speft(wrap(m))) if method in SPEFT_METHODS else wrap
     activations = _activation_bytes(config, weight_dtype, traced, seq_len, batch_size, gradient_checkpointing)
     return MemoryEstimate(method, trainable_params, base, adapter_weights + layout, gradients, optimizer, activations)
 
@@ -163,8 +165,9 @@ def _method_wrapper(method, target_modules, lora_r, density, num_params, match_l
         return lambda model: get_peft_model(model, LoraConfig(r=lora_r, target_modules=target_modules))
     given = {name: value for name, value in (("density", density), ("num_params", num_params),
                                              ("match_lora_rank", match_lora_rank)) if value is not None}
+    hybrid = {"lora_r": max(1, lora_r // 2)} if method == "speft+lora" else {}
     speft_config = SparsePeftConfig(target_modules=target_modules, salience="gradient",
-                                    **(given or {"match_lora_rank": lora_r}))  # validates the budget fields
+                                    **(given or {"match_lora_rank": lora_r}), **hybrid)  # validates the budget
     return lambda model: get_peft_model(model, copy.deepcopy(speft_config))  # uncalibrated: no mask is built
 
 
@@ -174,7 +177,7 @@ def _speft_budget(peft_model: nn.Module) -> int:
 
 def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
     """Give the uncalibrated SPEFT layers the forward of a calibrated one as autograd sees it: `sparse_delta` saves
-    the layer input (and nothing per token besides) whatever the mask."""
+    the layer input (and nothing per token besides) whatever the mask; a hybrid adapter's low-rank part runs as is."""
     from .model import sparse_layers
     from .ops import sparse_delta
 
@@ -185,7 +188,8 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
         values = nn.Parameter(torch.empty(1, device="meta"))
 
         def forward(x, *args, layer=layer, values=values, **kwargs):
-            return sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(), add_delta=False)
+            out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(), add_delta=False)
+            return out + layer._low_rank_output("default", x) if "default" in layer.speft_lora_A else out
 
         layer.forward = forward
     return peft_model

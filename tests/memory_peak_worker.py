@@ -29,9 +29,10 @@ def main(method: str, checkpointing: bool) -> None:
         model.gradient_checkpointing_enable()
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    elif method == "speft":
+    elif method in ("speft", "speft+lora"):
+        hybrid = {"lora_r": 4} if method == "speft+lora" else {}
         model = get_peft_model(model, hf_speft.SparsePeftConfig(target_modules="all-linear", match_lora_rank=8,
-                                                                 salience="magnitude"))
+                                                                 salience="magnitude", **hybrid))
     if checkpointing and method != "full":
         model.enable_input_require_grads()
     model.train()

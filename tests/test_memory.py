@@ -33,9 +33,10 @@ def trained_one_step(method: str, config: LlamaConfig):
     model = AutoModelForCausalLM.from_config(config)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    elif method == "speft":
+    elif method in ("speft", "speft+lora"):
+        hybrid = {"lora_r": 4} if method == "speft+lora" else {}
         model = get_peft_model(model, hf_speft.SparsePeftConfig(target_modules="all-linear", match_lora_rank=8,
-                                                                 salience="magnitude"))
+                                                                 salience="magnitude", **hybrid))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(0, config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -43,7 +44,7 @@ def trained_one_step(method: str, config: LlamaConfig):
     return model, optimizer
 
 
-@pytest.mark.parametrize("method", ["speft", "lora", "full"])
+@pytest.mark.parametrize("method", ["speft", "speft+lora", "lora", "full"])
 def test_counts_and_state_bytes_match_a_real_model(method):
     config = tiny_config()
     model, optimizer = trained_one_step(method, config)
@@ -57,10 +58,11 @@ def test_counts_and_state_bytes_match_a_real_model(method):
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "speft_" not in name)
     assert estimate.base_weight_bytes == frozen + (sum(p.numel() * 4 for p in trainable) if method == "full" else 0)
-    if method == "speft":  # values + index buffers + the cached CSR layout, all measured
+    if method.startswith("speft"):  # values (+ the hybrid's low-rank pair) + index buffers + the CSR layout
         layers = sparse_layers(model, "default").values()
         held = sum(layer.speft_indices["default"].numel() * layer.speft_indices["default"].element_size()
                    + layer.speft_values["default"].numel() * 4 for layer in layers)
+        held += sum(p.numel() * 4 for n, p in model.named_parameters() if "speft_lora_" in n)
         held += sum(pattern.nbytes() for layer in layers for pattern in layer._patterns.values())
         assert estimate.adapter_bytes == held
 
@@ -133,8 +135,8 @@ def test_bad_arguments_name_the_value():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "checkpointing"), [("speft", False), ("speft", True), ("lora", False),
-                                                       ("full", False)])
+@pytest.mark.parametrize(("method", "checkpointing"), [("speft", False), ("speft", True), ("speft+lora", False),
+                                                       ("lora", False), ("full", False)])
 def test_activation_estimate_within_20_percent_of_the_measured_peak(method, checkpointing):
     """The peak RSS growth of a real training step on CPU (fp32) against the activation estimate."""
     out = subprocess.run([sys.executable, str(PEAK_SCRIPT), method, str(checkpointing)], capture_output=True,
