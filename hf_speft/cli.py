@@ -213,7 +213,7 @@ def salience_command(args: argparse.Namespace) -> None:
               if getattr(args, name) is not None}
     targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
     config = SparsePeftConfig(target_modules=targets, salience=args.measure, salience_batches=args.batches,
-                              mask_scope=args.scope, **budget)
+                              mask_scope=args.scope, salience_micro_batch_size=args.micro_batch_size, **budget)
     texts = _texts(args.data)
     if not texts:
         raise CliError(f"{args.data!r} holds no text.")
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     salience.add_argument("--scope", choices=["global", "local"], default="global")
     salience.add_argument("--batches", type=int, default=64, help="salience batches (default 64)")
     salience.add_argument("--batch_size", type=int, default=16)
+    salience.add_argument("--micro_batch_size", type=int, help="back-propagate each batch in micro-batches of this "
+                          "many rows (less memory, the same mask)")
     salience.add_argument("--max_length", type=int, default=512)
     salience.add_argument("--out", required=True, help="folder for the adapter")
     salience.set_defaults(run=salience_command)

@@ -42,6 +42,9 @@ class SparsePeftConfig(PeftConfig):
         salience_groups: Score the targets in this many groups of consecutive layers, one pass over the salience
             batches each: peak salience memory holds one group's scores instead of all, for `groups`× the time. The
             masks are the same as with one group. Not for `"grasp"` and `"force"`, whose scores couple all layers.
+        salience_micro_batch_size: Back-propagate each salience batch in micro-batches of this many rows (None: the
+            whole batch): the activations of a salience pass shrink to a micro-batch's for the same scores (each
+            micro-batch's loss is weighted by its share of the batch's label tokens or rows).
         init_weights: True starts from a zero delta (model output unchanged); False draws a random nonzero delta
             (for tests, as peft tuners do).
         seed: Seed of the random measure and of `init_weights=False`.
@@ -101,6 +104,9 @@ class SparsePeftConfig(PeftConfig):
     salience_groups: int = field(
         default=1, metadata={"help": "Score the targets in this many groups of layers (less memory, more passes)."}
     )
+    salience_micro_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Back-propagate salience batches in micro-batches of this many rows."}
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero delta at start; False: random nonzero delta (for tests)."}
     )
@@ -150,6 +156,12 @@ class SparsePeftConfig(PeftConfig):
             self.salience_groups < 1
         ):
             raise ValueError(f"salience_groups={self.salience_groups!r} must be a positive integer.")
+        if self.salience_micro_batch_size is not None and (
+            not isinstance(self.salience_micro_batch_size, int) or isinstance(self.salience_micro_batch_size, bool)
+            or self.salience_micro_batch_size < 1
+        ):
+            raise ValueError(f"salience_micro_batch_size={self.salience_micro_batch_size!r} must be a positive "
+                             "integer (rows per micro-batch) or None (whole batches).")
         if self.salience_groups > 1 and self.salience in LAYER_COUPLED_MEASURES:
             raise ValueError(
                 f"salience={self.salience!r} scores all layers together, so salience_groups must be 1 (got "

@@ -29,6 +29,9 @@ class MethodArguments:
     mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
     update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
     salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches (paper: 64 x 16)."})
+    salience_micro_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "SPEFT salience: back-propagate each batch in micro-batches of this many rows (less memory, same "
+                "mask)."})
     density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
     num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
     match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
@@ -77,7 +80,7 @@ def prepare_model(model: nn.Module, args: MethodArguments, *, target_modules: An
     return get_peft_model(model, SparsePeftConfig(
         target_modules=target_modules, task_type=task_type, salience=args.salience, mask_scope=args.mask_scope,
         mask_update=args.mask_update, update_interval=args.update_interval, salience_batches=args.salience_batches,
-        **(budget or {"match_lora_rank": lora_r}), **hybrid))
+        salience_micro_batch_size=args.salience_micro_batch_size, **(budget or {"match_lora_rank": lora_r}), **hybrid))
 
 
 def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
@@ -102,6 +105,12 @@ def peak_memory_bytes() -> int:
 def train_losses(trainer: Any) -> list[float]:
     """The training losses the Trainer logged, in order."""
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def salience_seconds(trainer: Any) -> float:
+    """Seconds `SpeftTrainer` spent calibrating (salience and mask selection, part of the train time); 0 for the
+    other methods."""
+    return sum(entry.get("speft/salience_seconds", 0.0) for entry in trainer.state.log_history)
 
 
 class RecipeError(ValueError):

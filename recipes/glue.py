@@ -29,7 +29,7 @@ from trl import TrlParser
 import hf_speft
 from hf_speft.data import read_jsonl
 from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
-                              run_recipe, train_and_save, train_losses, user_input_checks)
+                              run_recipe, salience_seconds, train_and_save, train_losses, user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -194,7 +194,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     metrics = evaluate(evaluated["dev"])
     results = {"task": args.task, "method": method.method, "metrics": metrics, "num_eval": len(evaluated["dev"]),
                "num_train": len(train_rows), "trainable_params": trainable, "train_time_s": train_time,
-               "peak_memory_bytes": peak_memory_bytes(), "train_losses": train_losses(trainer),
+               "salience_seconds": salience_seconds(trainer), "peak_memory_bytes": peak_memory_bytes(),
+               "train_losses": train_losses(trainer),
                "world_size": trainer.accelerator.num_processes,
                "config": {"script": asdict(args), "method": asdict(method)}}
     if "test" in evaluated:

@@ -29,7 +29,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_
 import hf_speft
 from hf_speft.data import read_jsonl
 from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
-                              run_recipe, train_and_save, train_losses, user_input_checks)
+                              run_recipe, salience_seconds, train_and_save, train_losses, user_input_checks)
 
 PROMPT = "Question: {question}\nAnswer:"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -170,6 +170,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "num_eval": len(test_rows),
             "trainable_params": trainable,
             "train_time_s": train_time,
+            "salience_seconds": salience_seconds(trainer),
             "train_losses": train_losses(trainer),
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,

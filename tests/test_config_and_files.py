@@ -30,6 +30,8 @@ TARGETS = ["q_proj", "v_proj"]
         ({"density": 0.1, "salience": "gradientt"}, "not a registered measure"),
         ({"density": 0.1, "salience_batches": 0}, "salience_batches"),
         ({"density": 0.1, "salience_dtype": "float16"}, "salience_dtype"),
+        ({"density": 0.1, "salience_micro_batch_size": 0}, "salience_micro_batch_size=0"),
+        ({"density": 0.1, "salience_micro_batch_size": "4"}, "salience_micro_batch_size='4'"),
         ({"density": 0.1, "seed": "1"}, "seed"),
         ({"density": 0.1, "mask_update": "every-step"}, "mask_update='every-step'"),
         ({"density": 0.1, "update_interval": 0}, "update_interval=0"),

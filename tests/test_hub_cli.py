@@ -154,6 +154,11 @@ def test_salience_command_saves_a_trainable_mask(tmp_path, capsys):
     loaded = PeftModel.from_pretrained(base_model(), tmp_path / "mask", is_trainable=True)
     assert sum(layer.speft_values["default"].numel() for layer in sparse_layers(loaded).values()) == 100
     assert summarize_adapter(str(tmp_path / "mask")).config["salience"] == "gradient"
+    assert main(command + ["--out", str(tmp_path / "micro"), "--micro_batch_size", "1"]) == 0
+    assert summarize_adapter(str(tmp_path / "micro")).config["salience_micro_batch_size"] == 1
+    micro = PeftModel.from_pretrained(base_model(), tmp_path / "micro")
+    for name, layer in sparse_layers(micro).items():  # the same mask from one row at a time
+        assert torch.equal(layer.speft_indices["default"], sparse_layers(loaded)[name].speft_indices["default"])
 
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n")
     bad = command.copy()

@@ -50,10 +50,15 @@ def glue_args(model_dir, data_dir, output_dir, method, *extra):
 @pytest.mark.parametrize("method", ["speft", "speft+lora", "lora", "full"])
 def test_glue_recipe_end_to_end(tmp_path, tiny_encoder_dir, method):
     data = write_sst2(tmp_path / "sst2")
-    glue.main(glue_args(tiny_encoder_dir, data, tmp_path / "out", method))
+    micro = ["--salience_micro_batch_size", "3"] if method.startswith("speft") else []
+    glue.main(glue_args(tiny_encoder_dir, data, tmp_path / "out", method, *micro))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["task"] == "sst2" and saved["method"] == method and saved["num_eval"] == 32
     assert 0 <= saved["metrics"]["accuracy"] <= 1 and saved["trainable_params"] > 0
+    if micro:
+        adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+        assert adapter_config["salience_micro_batch_size"] == 3
+        assert saved["salience_seconds"] > 0
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -259,6 +259,8 @@ def test_calibrate_errors_are_clear():
         calibrate(base_model(), batches())
     with pytest.raises(ValueError, match="No targeted module"):
         compute_salience(base_model(), batches(), target_modules=["not_a_module"], show_progress=False)
+    with pytest.raises(ValueError, match="micro_batch_size=0 must be a positive integer"):
+        compute_salience(base_model(), batches(), target_modules=TARGETS, micro_batch_size=0)
 
 
 def test_register_custom_measure():
@@ -327,3 +329,81 @@ def test_salience_groups_config_errors():
     for measure in ("grasp", "force"):
         with pytest.raises(ValueError, match=f"salience='{measure}' scores all layers together"):
             SparsePeftConfig(target_modules=TARGETS, density=0.1, salience=measure, salience_groups=2)
+
+
+def padded_batches(num=2, batch=5, length=7, seed=3):
+    """Causal-LM batches whose rows hold different numbers of label tokens (-100 on a random right padding)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num):
+        ids = torch.randint(0, 64, (batch, length), generator=g)
+        lengths = torch.randint(2, length + 1, (batch,), generator=g)
+        keep = torch.arange(length)[None, :] < lengths[:, None]
+        out.append({"input_ids": ids, "attention_mask": keep.long(), "labels": ids.masked_fill(~keep, -100)})
+    return out
+
+
+@pytest.mark.parametrize("measure", ["gradient", "snip", "fisher", "grasp", "force"])
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_micro_batches_give_the_scores_of_whole_batches(measure, micro_batch_size):
+    """Rows with different label-token counts, uneven splits: each micro-batch's loss is weighted by its share of
+    the batch's (shifted) label tokens, so the scores equal whole-batch scores."""
+    data = padded_batches()
+    whole = compute_salience(base_model(), data, measure=measure, num_batches=2, target_modules=TARGETS,
+                             show_progress=False, budget=50)
+    model, rows_seen = base_model(), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    split = compute_salience(model, data, measure=measure, num_batches=2, target_modules=TARGETS,
+                             show_progress=False, budget=50, micro_batch_size=micro_batch_size)
+    assert max(rows_seen) == micro_batch_size
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-8, rtol=1e-4)
+
+
+def test_micro_batches_of_a_classifier_weight_rows():
+    """Per-example labels (sequence classification): micro-batch losses are weighted by their share of rows."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 64, (5, 6), generator=g), "labels": torch.randint(0, 3, (5,), generator=g)}
+            for _ in range(2)]
+    whole = compute_salience(model, data, num_batches=2, target_modules=TARGETS, show_progress=False)
+    split = compute_salience(model, data, num_batches=2, target_modules=TARGETS, show_progress=False,
+                             micro_batch_size=2)
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-8, rtol=1e-4)
+
+
+def test_calibrate_with_micro_batches_selects_the_same_masks():
+    masks = []
+    for micro_batch_size in (None, 2):
+        model = speft_model(salience_micro_batch_size=micro_batch_size)
+        calibrate(model, padded_batches(), show_progress=False)
+        masks.append({name: layer.speft_indices["default"] for name, layer in sparse_layers(model).items()})
+    for name, indices in masks[0].items():
+        assert torch.equal(masks[1][name], indices), name
+
+
+def test_scores_accumulate_in_the_score_dtype(monkeypatch):
+    """bfloat16 scores accumulate in bfloat16 buffers: no float32 buffer of every target's size exists at once."""
+    from hf_speft.salience import gradients
+
+    created = []
+    original = gradients._score_buffer
+
+    def recording(ctx, name, like):
+        buffer = original(ctx, name, like)
+        created.append(buffer.dtype)
+        return buffer
+
+    monkeypatch.setattr(gradients, "_score_buffer", recording)
+    for measure in ("gradient", "fisher"):
+        created.clear()
+        compute_salience(base_model(), batches(), measure=measure, num_batches=3, target_modules=TARGETS,
+                         dtype=torch.bfloat16, show_progress=False)
+        assert created == [torch.bfloat16] * len(TARGETS) * 2, measure  # 2 layers of each target

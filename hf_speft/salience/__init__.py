@@ -97,6 +97,7 @@ def adapter_salience_groups(
         device=torch.device(config.salience_device) if config.salience_device else None,
         seed=config.seed,
         show_progress=show_progress,
+        micro_batch_size=config.salience_micro_batch_size,
     )
     groups = min(config.salience_groups, max(len(ctx.layers), 1))
     if groups == 1:
@@ -140,6 +141,7 @@ def compute_salience(
     seed: int = 0,
     show_progress: bool = True,
     budget: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """Score every targeted weight: module name -> (out_features, in_features) scores.
 
@@ -147,6 +149,8 @@ def compute_salience(
     base model together with `target_modules` (matched like peft's `target_modules`). `dataloader` yields batches
     the model accepts, with labels; it is cycled when shorter than `num_batches`. `budget` (the number of weights to
     be kept) is needed by measures that prune progressively (`force`); for a SPEFT model it defaults to its adapter's.
+    `dtype`/`device` set where the scores accumulate; `micro_batch_size` back-propagates each batch in micro-batches
+    of that many rows (same scores, a micro-batch's activations).
     """
     from ..model import sparse_layers, speft_tuner
 
@@ -159,7 +163,7 @@ def compute_salience(
         layers = _matched_targets(model, target_modules)
     ctx = SalienceContext(layers=layers, model=model, dataloader=dataloader, num_batches=num_batches, dtype=dtype,
                           device=torch.device(device) if device is not None else None, seed=seed,
-                          show_progress=show_progress, budget=budget)
+                          show_progress=show_progress, budget=budget, micro_batch_size=micro_batch_size)
     return _run_measure(measure, ctx)
 
 

@@ -58,7 +58,8 @@ def _base_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
 
 @dataclass
 class SalienceContext:
-    """Inputs of a salience measure. `layers` maps module names to the targeted modules, in a fixed order."""
+    """Inputs of a salience measure. `layers` maps module names to the targeted modules, in a fixed order;
+    `micro_batch_size` splits each batch into terms of that many rows for the backward passes (`losses.loss_terms`)."""
 
     layers: dict[str, nn.Module]
     model: Optional[nn.Module] = None
@@ -69,6 +70,12 @@ class SalienceContext:
     seed: int = 0
     budget: Optional[int] = None
     show_progress: bool = True
+    micro_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        size = self.micro_batch_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"micro_batch_size={size!r} must be a positive integer (rows per micro-batch) or None.")
 
     def weight(self, name: str) -> torch.Tensor:
         """Effective (out, in) weight of one target as float32 (a transient dense copy)."""

@@ -11,27 +11,15 @@ probe P (output += x·Pᵀ), whose gradient is the weight gradient and can be di
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Iterable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .context import SalienceContext
 from .distributed import averaged_across_processes, summed_across_processes
-
-
-def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The mean loss the model returns for a batch; a clear error if the batch carries no labels."""
-    outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-    if loss is None:
-        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise ValueError(
-            f"The model returned no loss for a salience batch with keys {keys}; data-dependent salience needs "
-            "batches with `labels` (e.g. from DataCollatorForLanguageModeling or a labelled classification set)."
-        )
-    return loss
+from .losses import batch_rows, loss_terms
 
 
 @contextlib.contextmanager
@@ -91,47 +79,68 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _run_backward_passes(ctx: SalienceContext, on_gradient, desc: str) -> None:
+def _run_backward_passes(ctx: SalienceContext, on_gradient: Callable[[str, torch.Tensor, torch.Tensor, int], None],
+                         desc: str) -> None:
+    """Back-propagate every salience batch (in micro-batch terms when configured), calling
+    `on_gradient(name, x, grad_out, batch_rows)` per target and term; `batch_rows` is the whole batch's size."""
     if ctx.model is None:
         raise ValueError("Data-dependent salience needs the model; pass it to compute_salience/calibrate.")
-    with frozen_eval(ctx.model), torch.enable_grad(), captured_gradients(ctx, on_gradient):
+    rows = 0
+
+    def with_rows(name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        on_gradient(name, x, grad_out, rows)
+
+    with frozen_eval(ctx.model), torch.enable_grad(), captured_gradients(ctx, with_rows):
         for batch in ctx.batches(desc):
-            batch_loss(ctx.model, batch).backward()
+            rows = batch_rows(batch)
+            for loss in loss_terms(ctx.model, batch, ctx.micro_batch_size):
+                loss.backward()
+
+
+def _score_buffer(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A zero (out, in) accumulator of one target in the score dtype, on the score device."""
+    return torch.zeros(ctx.shape(name), dtype=ctx.dtype, device=_device(ctx, name, like))
+
+
+def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float = 1.0) -> None:
+    """total += scale · left @ right, in place (no product-sized temporary when dtype and device already match)."""
+    if total.dtype == left.dtype and total.device == left.device:
+        total.addmm_(left, right, alpha=scale)
+    else:
+        total.add_((left @ right).to(total.device), alpha=scale)
 
 
 def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
-    """ḡ: the gradient of the mean loss, averaged over `num_batches` batches, per target (out, in), float32."""
+    """ḡ: the gradient of the mean loss, averaged over `num_batches` batches, per target (out, in), accumulated in
+    the score dtype on the score device."""
     sums: dict[str, torch.Tensor] = {}
 
-    def accumulate(name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        grad = grad_out.reshape(-1, grad_out.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
-        grad = grad.to(device=_device(ctx, name, grad))
-        if name in sums:
-            sums[name] += grad
-        else:
-            sums[name] = grad
+    def accumulate(name: str, x: torch.Tensor, grad_out: torch.Tensor, rows: int) -> None:
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        if name not in sums:
+            sums[name] = _score_buffer(ctx, name, grad_out)
+        _add_product(sums[name], grad_out.t(), x.reshape(-1, x.shape[-1]).float())
 
     _run_backward_passes(ctx, accumulate, "salience (gradients)")
     return averaged_across_processes({name: sums[name].div_(ctx.num_batches) for name in ctx.layers})
 
 
 def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
-    """Mean over samples of g_i², where g_i is sample i's loss gradient (B·its share of the batch gradient)."""
+    """Mean over samples of g_i², where g_i is sample i's loss gradient (B·its share of the batch gradient, B the
+    batch's rows), accumulated in the score dtype on the score device."""
     sums: dict[str, torch.Tensor] = {}
     counts = {"samples": 0}
 
-    def accumulate(name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        batch_size = grad_out.shape[0]
-        g3d = grad_out.reshape(batch_size, -1, grad_out.shape[-1]).float()
-        x3d = x.reshape(batch_size, -1, x.shape[-1]).float()
-        total = sums.get(name)
-        for sample in range(batch_size):
-            squared = (batch_size * g3d[sample].t() @ x3d[sample]).square_()
-            squared = squared.to(device=_device(ctx, name, squared))
-            total = squared if total is None else total.add_(squared)
-        sums[name] = total
+    def accumulate(name: str, x: torch.Tensor, grad_out: torch.Tensor, rows: int) -> None:
+        samples = grad_out.shape[0]
+        g3d = grad_out.reshape(samples, -1, grad_out.shape[-1]).float()
+        x3d = x.reshape(samples, -1, x.shape[-1]).float()
+        if name not in sums:
+            sums[name] = _score_buffer(ctx, name, g3d)
+        for sample in range(samples):
+            sums[name].add_((g3d[sample].t() @ x3d[sample]).mul_(rows).square_().to(sums[name].device))
         if name == next(iter(ctx.layers)):
-            counts["samples"] += batch_size
+            counts["samples"] += samples
 
     _run_backward_passes(ctx, accumulate, "salience (per-sample gradients)")
     sums = summed_across_processes({name: sums[name] for name in ctx.layers})
@@ -180,12 +189,14 @@ def hessian_gradient_products(ctx: SalienceContext, direction: dict[str, torch.T
             _weight_probes(ctx) as probes:
         tensors = list(probes.values())
         for batch in ctx.batches("salience (Hessian-gradient products)"):
-            grads = torch.autograd.grad(batch_loss(ctx.model, batch), tensors, create_graph=True)
-            inner = sum((g * direction[name].to(g)).sum() for name, g in zip(probes, grads))
-            for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
-                product = torch.zeros_like(probes[name]) if product is None else product.detach()
-                sums[name] = sums[name] + product if name in sums else product
-    return averaged_across_processes({name: sums[name] / ctx.num_batches for name in ctx.layers})
+            for loss in loss_terms(ctx.model, batch, ctx.micro_batch_size):
+                grads = torch.autograd.grad(loss, tensors, create_graph=True)
+                inner = sum((g * direction[name].to(g)).sum() for name, g in zip(probes, grads))
+                for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
+                    if product is not None:
+                        sums[name] = sums[name] + product.detach() if name in sums else product.detach()
+    return averaged_across_processes({name: sums[name] / ctx.num_batches if name in sums else
+                                      torch.zeros_like(probes[name]) for name in ctx.layers})
 
 
 def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device:
