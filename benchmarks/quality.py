@@ -144,6 +144,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, rate: float) -> d
         result = json.loads((Path(output_dir) / "results.json").read_text())
     run = {"method": variant, "seed": seed, "learning_rate": rate, "accuracy": result["metrics"]["accuracy"],
            "trainable_params": result["trainable_params"], "train_time_s": result["train_time_s"],
+           "salience_seconds": result["salience_seconds"],
            "peak_memory_bytes": result["peak_memory_bytes"], "final_train_loss": (result["train_losses"] or [None])[-1],
            "num_train": result["num_train"], "num_eval": result["num_eval"]}
     if "test_metrics" in result:

@@ -1,25 +1,28 @@
 """Salience cost: time and peak memory of calibrating with every measure (scores and mask selection, as
-`hf_speft.calibrate` runs them) against one training step, with the targets scored in one group or several
-(`salience_groups`), and the memory of the global top-k (hf-speft's candidate buffer vs concatenating all scores, as
-the reference code does).
+`hf_speft.calibrate` runs them) against one training step at the same batch, under the memory settings
+(`salience_groups`, `salience_micro_batch_size`, `salience_dtype`), and the memory of the global top-k (hf-speft's
+candidate buffer vs concatenating all scores, as the reference code does).
 
 Each run is a fresh subprocess on the tiny Llama of `memory_speed.py` (hidden 1024, 4 layers, vocab 8192, all 7
-projection types, batch 4×256); JSON lines go to benchmarks/results/salience.jsonl.
+projection types, batch 4×256). Peak memory is the kernel's (VmHWM, reset just before the measured work) above the
+resident set before it, with glibc's mmap threshold fixed so freed tensors leave the RSS at once. A setting is
+`g<groups>[-m<micro-batch rows>][-bf16]`. JSON lines go to benchmarks/results/salience.jsonl.
 
-    python benchmarks/salience.py
-    python benchmarks/salience.py --measures gradient fisher --groups 1 4 --batches 2 --hidden 256
+    python benchmarks/salience.py                                        # every measure, g1
+    python benchmarks/salience.py --measures gradient fisher --settings g1 g1-m1 g2-m1 g1-m1-bf16 g4 \
+        --output benchmarks/results/salience_memory.jsonl                # the memory settings
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-from harness import PeakRss, rss_bytes
 
 from hf_speft.config import LAYER_COUPLED_MEASURES
 
@@ -45,41 +48,74 @@ def _model_and_batch(args):
     return model, {"input_ids": ids, "labels": ids}
 
 
+def process_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+class PeakGrowth:
+    """The kernel's peak resident set (VmHWM, reset on entry) above the resident set on entry: `extra` bytes."""
+
+    def __enter__(self):
+        self.before = process_status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra = process_status("VmHWM") - self.before
+
+
+def parse_setting(setting: str) -> dict:
+    """`g2-m1-bf16` -> {"groups": 2, "micro_batch_size": 1, "dtype": "bfloat16"}."""
+    match = re.fullmatch(r"g(\d+)(?:-m(\d+))?(-bf16)?", setting)
+    if not match:
+        raise argparse.ArgumentTypeError(f"setting {setting!r}: use g<groups>[-m<micro-batch rows>][-bf16]")
+    return {"groups": int(match[1]), "micro_batch_size": int(match[2]) if match[2] else None,
+            "dtype": "bfloat16" if match[3] else "float32"}
+
+
+def checked_setting(setting: str) -> str:
+    parse_setting(setting)
+    return setting
+
+
 def _training_step(model, batch) -> tuple[float, int]:
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    for _ in range(2):  # warm-up, then the measured step
-        rss_before = rss_bytes()
-        with PeakRss() as rss:
+    for _ in range(3):  # two warm-up steps (optimizer state, cached layouts), then the measured one
+        with PeakGrowth() as peak:
             start = time.perf_counter()
             model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - start
     model.eval()
-    return seconds, rss.peak - rss_before
+    return seconds, peak.extra
 
 
 def measure_worker(run: str, args) -> dict:
     import hf_speft
 
-    measure, groups = run.split("@")
+    measure, setting = run.split("@")
+    options = parse_setting(setting)
     model, batch = _model_and_batch(args)
-    step_s, step_rss = _training_step(model, batch)
+    step_s, step_extra = _training_step(model, batch)
     config = model.peft_config["default"]  # recalibrate the trained adapter with this run's settings
-    config.salience, config.salience_groups, config.salience_batches = measure, int(groups), args.batches
-    rss_before = rss_bytes()
-    with PeakRss() as rss:
+    config.salience, config.salience_batches = measure, args.batches
+    config.salience_groups, config.salience_micro_batch_size = options["groups"], options["micro_batch_size"]
+    config.salience_dtype = options["dtype"]
+    with PeakGrowth() as peak:
         start = time.perf_counter()
         hf_speft.calibrate(model, [batch], show_progress=False)
         seconds = time.perf_counter() - start
-    return {"method": measure, "groups": int(groups), "salience_s": seconds,
+    return {"method": measure, "setting": setting, **options, "salience_s": seconds,
             "salience_s_per_batch": seconds / args.batches,
             "step_s": step_s, "salience_per_batch/step": seconds / args.batches / step_s,
-            "peak_extra_rss_bytes": rss.peak - rss_before, "step_peak_extra_rss_bytes": step_rss,
-            "peak_rss/step": (rss.peak - rss_before) / max(step_rss, 1)}
+            "peak_extra_rss_bytes": peak.extra, "step_peak_extra_rss_bytes": step_extra,
+            "peak_rss/step": peak.extra / max(step_extra, 1)}
 
 
 def topk_worker(method: str, args) -> dict:
@@ -93,8 +129,7 @@ def topk_worker(method: str, args) -> dict:
               for i in range(args.topk_layers) for j, shape in enumerate(shapes)}
     total = sum(value.numel() for value in scores.values())
     budget = round(args.topk_density * total)
-    rss_before = rss_bytes()
-    with PeakRss() as rss:
+    with PeakGrowth() as peak:
         start = time.perf_counter()
         if method == "topk_hf_speft":
             masks = select_mask(scores, budget, "global")
@@ -104,14 +139,15 @@ def topk_worker(method: str, args) -> dict:
             selected = flat.topk(budget).indices.numel()
         seconds = time.perf_counter() - start
     return {"method": method, "scores": total, "budget": budget, "selected": selected, "seconds": seconds,
-            "peak_extra_rss_bytes": rss.peak - rss_before, "scores_bytes": 4 * total}
+            "peak_extra_rss_bytes": peak.extra, "scores_bytes": 4 * total}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measures", nargs="+", default=MEASURES, choices=MEASURES)
-    parser.add_argument("--groups", nargs="+", type=int, default=[1, 4],
-                        help="salience_groups to run (grasp and force: 1 only)")
+    parser.add_argument("--settings", nargs="+", default=["g1"], type=checked_setting,
+                        help="memory settings g<groups>[-m<micro-batch rows>][-bf16] (grasp and force: g1 only)")
+    parser.add_argument("--no_topk", action="store_true", help="skip the global top-k comparison")
     parser.add_argument("--batches", type=int, default=4, help="salience batches per measure")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
@@ -129,22 +165,23 @@ def main() -> None:
         return
     names = ("batches", "hidden", "layers", "batch", "seq_len", "topk_hidden", "topk_layers", "topk_density")
     forwarded = [f"--{name}={getattr(args, name)}" for name in names]
-    runs = [f"{measure}@{groups}" for measure in args.measures for groups in args.groups
-            if groups == 1 or measure not in LAYER_COUPLED_MEASURES]
+    runs = [f"{measure}@{setting}" for measure in args.measures for setting in args.settings
+            if parse_setting(setting)["groups"] == 1 or measure not in LAYER_COUPLED_MEASURES]
     results = []
-    for method in runs + TOPK:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for method in runs + ([] if args.no_topk else TOPK):
         out = subprocess.run([sys.executable, __file__, "--worker", method, *forwarded], capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{method}: done", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w") as f:
         for result in results:
             f.write(json.dumps({**result, "config": vars(args)}) + "\n")
-    print("| measure | groups | s per batch | ÷ one training step | peak extra RSS MiB | ÷ one training step's |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| measure | setting | s per batch | ÷ one training step | peak extra RSS MiB | ÷ one training step's |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in results[: len(runs)]:
-        print(f"| {r['method']} | {r['groups']} | {r['salience_s_per_batch']:.3f} | "
+        print(f"| {r['method']} | {r['setting']} | {r['salience_s_per_batch']:.3f} | "
               f"{r['salience_per_batch/step']:.2f} | {r['peak_extra_rss_bytes'] / 2**20:.0f} | "
               f"{r['peak_rss/step']:.2f} |")
     print("\n| global top-k | scores | peak extra RSS MiB | ÷ score bytes | s |")

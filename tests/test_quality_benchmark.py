@@ -31,6 +31,8 @@ def test_quality_harness_end_to_end(tmp_path, capsys):
         assert run["num_train"] == 48 and run["num_eval"] == 64 and 0 <= run["accuracy"] <= 1
         assert run["learning_rate"] == quality.learning_rate(run["method"]) and run["peak_memory_bytes"] > 0
         assert run["test_accuracy"] == run["accuracy"]  # the test file is the dev split here
+        assert (run["salience_seconds"] > 0) == run["method"].startswith("speft")  # calibration time, SPEFT only
+        assert run["salience_seconds"] < run["train_time_s"]
     lora, speft = report["summary"]
     assert lora["trainable_params"] == speft["trainable_params"]  # matched budget, classifier head in both
     assert set(lora) >= {"accuracy_mean", "accuracy_std", "seeds", "train_time_s", "peak_memory_bytes"}
