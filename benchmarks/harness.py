@@ -1,5 +1,6 @@
-"""What every benchmark here shares: a peak-RSS sampler, and interleaved rounds of one fresh subprocess per method
-with every figure also given as a ratio to LoRA measured in the same round."""
+"""What every benchmark here shares: a peak-RSS sampler, the kernel's peak RSS growth of a block, and interleaved
+rounds of one fresh subprocess per method with every figure also given as a ratio to LoRA measured in the same
+round."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+def process_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+class PeakGrowth:
+    """The kernel's peak resident set (VmHWM, reset on entry) above the resident set on entry: `extra` bytes."""
+
+    def __enter__(self):
+        self.before = process_status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra = process_status("VmHWM") - self.before
 
 
 def parser_for(doc: str, methods: list[str], output_name: str) -> argparse.ArgumentParser:

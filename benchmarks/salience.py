@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import PeakGrowth
+
 from hf_speft.config import LAYER_COUPLED_MEASURES
 
 MEASURES = ["magnitude", "random", "gradient", "snip", "taylor", "skeleton", "fisher", "grasp", "synflow", "force"]
@@ -46,24 +48,6 @@ def _model_and_batch(args):
         target_modules=TARGETS, match_lora_rank=8, salience="magnitude"))
     ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids, "labels": ids}
-
-
-def process_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-class PeakGrowth:
-    """The kernel's peak resident set (VmHWM, reset on entry) above the resident set on entry: `extra` bytes."""
-
-    def __enter__(self):
-        self.before = process_status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.extra = process_status("VmHWM") - self.before
 
 
 def parse_setting(setting: str) -> dict:
