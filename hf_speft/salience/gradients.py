@@ -102,12 +102,12 @@ def _score_buffer(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.
     return torch.zeros(ctx.shape(name), dtype=ctx.dtype, device=_device(ctx, name, like))
 
 
-def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float = 1.0) -> None:
-    """total += scale · left @ right, in place (no product-sized temporary when dtype and device already match)."""
+def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += left @ right, in place (no product-sized temporary when dtype and device already match)."""
     if total.dtype == left.dtype and total.device == left.device:
-        total.addmm_(left, right, alpha=scale)
+        total.addmm_(left, right)
     else:
-        total.add_((left @ right).to(total.device), alpha=scale)
+        total.add_((left @ right).to(total.device))
 
 
 def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
@@ -183,20 +183,19 @@ def hessian_gradient_products(ctx: SalienceContext, direction: dict[str, torch.T
     weights)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    sums: dict[str, torch.Tensor] = {}
     # The fused attention kernels have no second derivative; the math kernel does.
     with frozen_eval(ctx.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), merged_deltas(ctx), \
             _weight_probes(ctx) as probes:
         tensors = list(probes.values())
+        sums = {name: torch.zeros_like(probe) for name, probe in probes.items()}
         for batch in ctx.batches("salience (Hessian-gradient products)"):
             for loss in loss_terms(ctx.model, batch, ctx.micro_batch_size):
                 grads = torch.autograd.grad(loss, tensors, create_graph=True)
                 inner = sum((g * direction[name].to(g)).sum() for name, g in zip(probes, grads))
                 for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
                     if product is not None:
-                        sums[name] = sums[name] + product.detach() if name in sums else product.detach()
-    return averaged_across_processes({name: sums[name] / ctx.num_batches if name in sums else
-                                      torch.zeros_like(probes[name]) for name in ctx.layers})
+                        sums[name] += product.detach()
+    return averaged_across_processes({name: sums[name].div_(ctx.num_batches) for name in ctx.layers})
 
 
 def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device:

@@ -35,10 +35,10 @@ def batch_rows(batch: Any) -> int:
     """Number of examples in a batch (the first dimension of its labels, else of its first tensor)."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
-    tensors = [value for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() > 0]
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor) and labels.dim() > 0:
         return labels.shape[0]
+    tensors = [value for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() > 0]
     if not tensors:
         raise ValueError(f"A salience batch needs tensors with a batch dimension; got keys {sorted(batch)}.")
     return tensors[0].shape[0]
