@@ -4,7 +4,11 @@
 `AutoPeftModel*` and `PeftConfig.from_pretrained` handle SPEFT adapters.
 """
 
-from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft
+from .integrations.bnb import quiet_optional_kernel_notice
+
+quiet_optional_kernel_notice()  # before peft imports bitsandbytes
+
+from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft  # noqa: E402
 from .config import SparsePeftConfig
 from .hub import push_to_hub, summarize_adapter, update_model_card
 from .integrations.mixed import enable_mixed_adapters, save_mixed_adapter

@@ -315,14 +315,19 @@ class SparsePeftLayer(BaseTunerLayer):
         return cols * self.out_features + rows
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging)."""
+        """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging); float32
+        (out, in) for a quantized base."""
         weight = self.get_base_layer().weight
+        if is_quantized(self.get_base_layer()):
+            shape, dtype = (self.out_features, self.in_features), torch.float32
+        else:
+            shape, dtype = weight.shape, weight.dtype
         indices, values = self.delta_entries(adapter_name)
-        delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-        delta[self.storage_positions(indices)] = values.to(weight.dtype)
-        delta = delta.view_as(weight)
+        delta = torch.zeros(math.prod(shape), dtype=dtype, device=weight.device)
+        delta[self.storage_positions(indices)] = values.to(dtype)
+        delta = delta.view(shape)
         low_rank = self._low_rank_in_base_layout(adapter_name)
-        return delta if low_rank is None else delta + low_rank.to(weight.dtype)
+        return delta if low_rank is None else delta + low_rank.to(dtype)
 
     def _low_rank_in_base_layout(self, adapter_name: str) -> Optional[torch.Tensor]:
         low_rank = self.low_rank_delta(adapter_name)

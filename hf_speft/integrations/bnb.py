@@ -3,18 +3,71 @@
 SPEFT layers wrap `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` like any `nn.Linear`: the forward calls the quantized
 base layer and adds the sparse correction, so training never dequantises or copies a weight. This module is only
 imported when a quantized base is met.
+
+4-bit weights come in two layouts. The standard one (`quant_state.shape`-ordered nibbles, absmax per block) is what
+`bitsandbytes.functional.dequantize_4bit` reads. On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit`'s
+weight for its own CPU kernel the first time it runs in inference (`quant_state.packing_format_for_cpu`): nibbles
+reordered in 32-row blocks, absmax transposed to bf16. Every read here goes through bitsandbytes' own conversion back
+to the standard layout, on a copy, so the layer itself is never changed by a read.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+
+OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _is_not_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(OPTIONAL_KERNEL_NOTICE)
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Drop the warning bitsandbytes logs on import on AVX512-BF16 CPUs when its optional Hub kernel (`kernels`) is
+    absent: it falls back to its own CPU kernel, and peft imports bitsandbytes whenever it is installed, so every
+    command (`hf-speft --help` too) would print it. Installed before peft is imported; other messages pass."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _is_not_optional_kernel_notice not in logger.filters:
+        logger.addFilter(_is_not_optional_kernel_notice)
+
+
+def is_cpu_packed(weight: torch.Tensor) -> bool:
+    """True for a 4-bit weight in bitsandbytes' packed CPU layout (see the module docstring)."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def standard_layout_copy(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(data, quant_state) of a packed 4-bit weight converted to the standard layout, leaving `weight` untouched.
+
+    The packed state holds the absmax already unnested and rounded to bf16, which is what the packed kernel computes
+    with: it is kept exactly (transposed back to one scale per block), not re-nested as bitsandbytes' own inverse
+    does, so the copy dequantizes to the weight the layer really uses.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    packed_state = weight.quant_state
+    state = copy.copy(packed_state)
+    state.original_nested = False  # keep the exact unnested absmax instead of quantizing it again
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), state)
+    state.absmax = packed_state.absmax.t().reshape(-1).float().contiguous()
+    state.dtype = getattr(packed_state, "original_dtype", torch.float32)
+    return data, state
+
+
 def dequantized_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The (out_features, in_features) weight of a quantized layer as a float32 copy."""
+    """The (out_features, in_features) weight of a quantized layer as a float32 copy, in either 4-bit layout."""
+    weight = base_layer.weight
+    if is_cpu_packed(weight):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(*standard_layout_copy(weight)).detach().float()
     from peft.utils.integrations import dequantize_module_weight
 
     return dequantize_module_weight(base_layer).detach().float()
@@ -53,6 +106,7 @@ def write_requantized(base_layer: nn.Module, weight: torch.Tensor) -> None:
         ).to(old.device)
         base_layer.state.reset_grads()
     else:
+        # A packed (CPU kernel) weight is replaced by a standard-layout one; bitsandbytes repacks it when it next runs.
         options = {key: getattr(old, key) for key in ("blocksize", "compress_statistics", "quant_type",
                                                       "quant_storage", "module") if hasattr(old, key)}
         base_layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, **options).to(old.device)
