@@ -16,6 +16,7 @@ SALIENCE_DTYPES = ("float32", "bfloat16")
 MASK_UPDATES = ("static", "dynamic")
 LAYER_COUPLED_MEASURES = ("grasp", "force")  # their scores depend on all targeted layers at once
 OPTIMIZER_RESETS = ("new", "all")
+DEFAULT_LORA_RANK = 8  # the budget when none is given: as many weights as peft's default LoRA (r=8) trains
 
 
 @dataclass
@@ -32,6 +33,9 @@ class SparsePeftConfig(PeftConfig):
         density: Fraction of all targeted weights to train, 0 < density <= 1.
         num_params: Exact number of weights to train.
         match_lora_rank: Train as many weights as a LoRA of this rank would on the same targets (Σ r·(m+n)).
+            Exactly one of `density`, `num_params` and `match_lora_rank` is set; with none given the budget is
+            `match_lora_rank=8`, the size of peft's default `LoraConfig` (r=8), so `target_modules` alone is a
+            working config.
         mask_scope: `"global"` ranks all targeted weights together; `"local"` gives every layer the same density.
         salience: Name of the measure that scores weights (see `hf_speft.available_measures()`). Data-free measures
             (`"magnitude"`, `"random"`, `"synflow"`) build the mask inside `get_peft_model`; the others leave the
@@ -86,7 +90,8 @@ class SparsePeftConfig(PeftConfig):
     )
     num_params: Optional[int] = field(default=None, metadata={"help": "Exact number of weights to train."})
     match_lora_rank: Optional[int] = field(
-        default=None, metadata={"help": "Train as many weights as a LoRA of this rank on the same targets."}
+        default=None,
+        metadata={"help": "Train as many weights as a LoRA of this rank on the same targets (8 if no budget is set)."},
     )
     mask_scope: Literal["global", "local"] = field(
         default="global", metadata={"help": "'global': one ranking across all targets; 'local': same density per layer."}
@@ -198,10 +203,12 @@ class SparsePeftConfig(PeftConfig):
             )
             if value is not None
         }
-        if len(given) != 1:
+        if not given:
+            self.match_lora_rank = DEFAULT_LORA_RANK
+        elif len(given) > 1:
             raise ValueError(
-                "Set exactly one budget of `density` (0 < d <= 1), `num_params` (a count) or `match_lora_rank` "
-                f"(a LoRA rank); got {given or 'none'}."
+                "Set at most one budget of `density` (0 < d <= 1), `num_params` (a count) or `match_lora_rank` "
+                f"(a LoRA rank; the default is {DEFAULT_LORA_RANK}); got {given}."
             )
         if self.density is not None and not (
             isinstance(self.density, (int, float)) and not isinstance(self.density, bool) and 0 < self.density <= 1

@@ -18,8 +18,8 @@ TARGETS = ["q_proj", "v_proj"]
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "exactly one budget"),
-        ({"density": 0.1, "num_params": 5}, "exactly one budget"),
+        ({"density": 0.1, "num_params": 5}, "at most one budget"),
+        ({"num_params": 5, "match_lora_rank": 8}, "at most one budget"),
         ({"density": 0.0}, "0 < density <= 1"),
         ({"density": 1.5}, "0 < density <= 1"),
         ({"density": True}, "0 < density <= 1"),
@@ -53,6 +53,16 @@ def test_bad_config_fields(kwargs, message):
 def test_budget_that_does_not_fit_the_targets(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, salience="magnitude", **kwargs))
+
+
+def test_target_modules_alone_is_a_working_config_with_the_budget_of_a_rank_8_lora():
+    from peft import LoraConfig
+
+    config = SparsePeftConfig(target_modules=TARGETS, salience="magnitude")
+    assert config.match_lora_rank == LoraConfig().r == 8 and config.density is None and config.num_params is None
+    model = get_peft_model(tiny_llama(), config)
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
+    assert model.get_nb_trainable_parameters() == lora.get_nb_trainable_parameters()
 
 
 def test_budget_arithmetic():
