@@ -231,15 +231,18 @@ class SparsePeftConfig(PeftConfig):
 
     def budget_split(self, weight_shapes: list[tuple[int, int]]) -> tuple[int, int]:
         """(sparse, low-rank) numbers of trainable weights across targets of the given (out, in) shapes: the
-        low-rank part of hybrid mode (`lora_r`) takes Σ lora_r·(m+n) of the total budget, the mask the rest."""
+        low-rank part of hybrid mode (`lora_r`) takes Σ lora_r·(m+n) of the total budget, the mask the rest, which
+        must give every target at least one weight (see `hf_speft.masking`)."""
         total = self.total_budget(weight_shapes)
         low_rank = sum(self.lora_r * (out_f + in_f) for out_f, in_f in weight_shapes)
-        if low_rank and total - low_rank < 1:
+        sparse = total - low_rank
+        if sparse < len(weight_shapes):
             raise ValueError(
-                f"lora_r={self.lora_r} takes {low_rank} of the budget of {total} trainable weights, leaving none for "
-                "the sparse part; lower lora_r or raise the budget."
+                f"The sparse part gets {sparse} trainable weights ({total} in all, {low_rank} to the low-rank part "
+                f"lora_r={self.lora_r}), but every one of the {len(weight_shapes)} targeted layers trains at least one; "
+                "raise the budget, lower lora_r or target fewer modules."
             )
-        return total - low_rank, low_rank
+        return sparse, low_rank
 
     def total_budget(self, weight_shapes: list[tuple[int, int]]) -> int:
         """Number of weights to train across targets of the given (out_features, in_features) shapes."""

@@ -1,5 +1,10 @@
 """Top-k mask selection over per-layer salience scores: global or local, exact count, deterministic ties.
 
+Every scored layer gets at least one entry, in both scopes, so no SPEFT layer holds an empty (0-element) trainable
+parameter: local scope gives each layer one entry and splits the rest of the budget by layer size; global scope keeps
+each layer's highest-scored entry and ranks the rest of the budget across all layers. A budget below the number of
+layers is refused.
+
 Ties are broken by position: among equal scores, the layer that comes first (in the order of the scores dict) and
 then the lower flat index wins. NaN scores rank below every number. `MaskSelector` takes the scores a group of
 layers at a time: a global ranking keeps only a running buffer of at most 2k candidates (score, layer, index), so
@@ -38,16 +43,42 @@ def _select_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
     return indices
 
 
+def check_budget(sizes: Mapping[str, int], budget: int) -> None:
+    """Refuse a budget that cannot give every layer one entry, or asks for more entries than the layers hold."""
+    total = sum(sizes.values())
+    if not len(sizes) <= budget <= total:
+        raise ValueError(
+            f"budget={budget} is not allowed for {len(sizes)} layers of {total} weights: every targeted layer trains "
+            f"at least one weight, so it must satisfy {len(sizes)} <= budget <= {total}."
+        )
+
+
 def local_budgets(sizes: Mapping[str, int], total: int) -> dict[str, int]:
-    """Split `total` in proportion to the layer sizes (same density everywhere), largest remainder rounding."""
-    numel = sum(sizes.values())
-    exact = {name: total * size / numel for name, size in sizes.items()}
+    """One entry per layer, and the rest of `total` split in proportion to what each layer has left (size - 1, so the
+    density is the same everywhere up to the one entry and no layer is given more than it holds), largest remainder
+    rounding."""
+    check_budget(sizes, total)
+    left, rest = sum(sizes.values()) - len(sizes), total - len(sizes)
+    exact = {name: 1 + (rest * (size - 1) / left if left else 0) for name, size in sizes.items()}
     budgets = {name: int(value) for name, value in exact.items()}
     order = {name: position for position, name in enumerate(sizes)}
     by_remainder = sorted(sizes, key=lambda name: (budgets[name] - exact[name], order[name]))
     for name in by_remainder[: total - sum(budgets.values())]:
         budgets[name] += 1
     return budgets
+
+
+def top_k_of_all(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Sorted flat int64 indices per layer of the k highest scores of all layers ranked together, with no
+    one-per-layer floor: for ranking weights (FORCE's pruning rounds), not for building a mask. Concatenates."""
+    flats = [_flat_scores(value) for value in scores.values()]
+    chosen = _select_topk(torch.cat([flat.cpu() for flat in flats]), k)
+    result, start = {}, 0
+    for name, flat in zip(scores, flats):
+        end = start + flat.numel()
+        result[name] = chosen[(chosen >= start) & (chosen < end)] - start
+        start = end
+    return result
 
 
 def select_per_layer(scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
@@ -67,16 +98,15 @@ class MaskSelector:
     """
 
     def __init__(self, sizes: Mapping[str, int], budget: int, scope: str = "global") -> None:
-        total = sum(sizes.values())
-        if not 0 < budget <= total:
-            raise ValueError(f"budget={budget} is not allowed for {total} scored weights; it must satisfy 0 < k <= "
-                             f"{total}.")
+        check_budget(sizes, budget)
         if scope not in ("global", "local"):
             raise ValueError(f"scope={scope!r} is not allowed; use 'global' or 'local'.")
         self.sizes, self.budget, self.scope = dict(sizes), budget, scope
         self._counts = local_budgets(sizes, budget) if scope == "local" else None
         self._pending = list(sizes)
         self._local: dict[str, torch.Tensor] = {}
+        self._reserved: dict[str, torch.Tensor] = {}
+        self._ranked = budget - len(sizes)  # global scope: entries ranked across layers, beyond one per layer
         self._values = torch.zeros(0)
         self._positions = torch.zeros(0, dtype=torch.int64)
         self._indices = torch.zeros(0, dtype=torch.int64)
@@ -94,20 +124,26 @@ class MaskSelector:
             if self._counts is not None:
                 self._local[name] = _select_topk(flat, self._counts[name])
                 continue
-            top = _select_topk(flat, min(self.budget, flat.numel()))
+            # The layer's best entry is reserved; the next `ranked` best compete globally.
+            best = _select_topk(flat, 1)
+            top = _select_topk(flat, min(self._ranked + 1, flat.numel()))
+            top = top[top != best]
+            self._reserved[name] = best.cpu()
             position = len(self.sizes) - len(self._pending) - 1
             self._values = torch.cat([self._values, flat[top].float().cpu()])
             self._positions = torch.cat([self._positions, torch.full((top.numel(),), position)])
             self._indices = torch.cat([self._indices, top.cpu()])
-            if self._values.numel() > 2 * self.budget:
+            if self._values.numel() > 2 * self._ranked:
                 self._keep(self._top_candidates())
 
     def _top_candidates(self) -> torch.Tensor:
-        """Which buffered candidates are the `budget` best: above the k-th largest, then its ties in buffer order
+        """Which buffered candidates are the `_ranked` best: above the k-th largest, then its ties in buffer order
         (= layer order, then index)."""
-        threshold = self._values.topk(self.budget, sorted=False).values.min()
+        if self._ranked == 0:
+            return torch.zeros(self._values.numel(), dtype=torch.bool)
+        threshold = self._values.topk(self._ranked, sorted=False).values.min()
         kept = self._values > threshold
-        ties = torch.nonzero(self._values == threshold).flatten()[: self.budget - int(kept.sum())]
+        ties = torch.nonzero(self._values == threshold).flatten()[: self._ranked - int(kept.sum())]
         kept[ties] = True
         return kept
 
@@ -122,7 +158,8 @@ class MaskSelector:
         if self._counts is not None:
             return dict(self._local)
         self._keep(self._top_candidates())
-        return {name: self._indices[self._positions == position] for position, name in enumerate(self.sizes)}
+        return {name: torch.cat([self._reserved[name], self._indices[self._positions == position]]).sort().values
+                for position, name in enumerate(self.sizes)}
 
 
 def select_mask(scores: Mapping[str, torch.Tensor], budget: int, scope: str = "global") -> dict[str, torch.Tensor]:

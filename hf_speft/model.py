@@ -142,11 +142,13 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        """Wrap the targets, then build the mask right away when the configured salience measure needs no data."""
+        """Wrap the targets and check the budget fits them, then build the mask right away when the configured salience
+        measure needs no data."""
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
         )
+        self.adapter_budget(adapter_name)
         if not low_cpu_mem_usage:
             self.build_data_free_masks(adapter_name)
 

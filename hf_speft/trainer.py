@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .integrations.deepspeed import mark_empty_parameters_available
 from .model import sparse_layers, speft_tuner
 from .salience import adapter_salience_groups, calibrate
 
@@ -213,7 +212,6 @@ class SpeftCallback(TrainerCallback):
                 "The SPEFT adapter has no mask yet: call `MaskUpdater.calibrate()` before `trainer.train()`, or use "
                 "hf_speft.SpeftTrainer / SpeftSFTTrainer, which calibrate for you."
             )
-        mark_empty_parameters_available(self.updater.model)  # ZeRO-3 (the engine is built by now); else a no-op
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.updater.step(state.global_step, optimizer)

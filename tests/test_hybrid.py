@@ -159,7 +159,7 @@ def test_bad_hybrid_options_are_refused(options, message):
 
 
 def test_a_low_rank_part_that_takes_the_whole_budget_is_refused():
-    with pytest.raises(ValueError, match="lora_r=4 takes .* leaving none for the sparse part"):
+    with pytest.raises(ValueError, match=r"The sparse part gets 0 trainable weights .* lora_r=4\), but every one of the 14 targeted layers"):
         hybrid_model("llama", lora_r=4)
 
 

@@ -32,16 +32,3 @@ def gathered(parameters: Iterable[torch.Tensor]) -> Iterator[None]:
     with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
         yield
 
-
-def mark_empty_parameters_available(model: torch.nn.Module) -> int:
-    """Work around ZeRO-3 never gathering a parameter that has no elements, then asserting that it was gathered when
-    its module runs backward: a SPEFT layer to which a global mask gave no entries holds such an empty `values`
-    parameter. Marks those as available (there is nothing to gather); call after the engine is built. Returns how many
-    were marked."""
-    empty = [parameter for parameter in model.parameters() if is_partitioned(parameter) and parameter.ds_numel == 0]
-    if empty:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        for parameter in empty:
-            parameter.ds_status = ZeroParamStatus.AVAILABLE
-    return len(empty)

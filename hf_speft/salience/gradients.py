@@ -253,8 +253,9 @@ def _kept_only(ctx: SalienceContext, kept: dict[str, torch.Tensor]) -> Iterator[
 def force(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """FORCE (progressive skeletonisation): `FORCE_ROUNDS` rounds of SNIP at the network masked to the previous
     round's keep-set, |W ⊙ ∂L/∂(W ⊙ c)|, the kept count shrinking geometrically from all weights to the budget (pruned
-    weights may come back). Returns the last round's scores, whose top-`budget` is FORCE's selection."""
-    from ..masking import select_mask
+    weights may come back). Returns the last round's scores, whose top-`budget` is FORCE's selection. The rounds
+    prune by a plain global ranking, as the method does; the one-entry-per-layer rule applies to the final mask."""
+    from ..masking import top_k_of_all
 
     if ctx.budget is None:
         raise ValueError("The force measure needs the trainable budget (SalienceContext.budget / compute_salience("
@@ -266,8 +267,7 @@ def force(ctx: SalienceContext) -> dict[str, torch.Tensor]:
             scores = {name: (ctx.weight(name).to(g.device) * g).abs() for name, g in mean_gradients(ctx).items()}
         if round_number < FORCE_ROUNDS:
             count = max(ctx.budget, round(total * (ctx.budget / total) ** (round_number / FORCE_ROUNDS)))
-            masks = select_mask(scores, count, "global")
-            for name, indices in masks.items():
+            for name, indices in top_k_of_all(scores, count).items():
                 kept[name] = torch.zeros(ctx.shape(name), dtype=torch.bool)
                 kept[name].view(-1)[indices.cpu()] = True
     return {name: ctx.score_tensor(value, ctx.layers[name]) for name, value in scores.items()}
