@@ -184,6 +184,16 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
         self._validate_low_rank()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """peft's loader (used by `PeftModel.from_pretrained`, `load_adapter` and `AutoPeftModel*`). The config it
+        returns describes saved masks: the adapter it is next injected with builds no mask (no salience work), since
+        the checkpoint that peft loads next holds them. Injected without a checkpoint, that adapter stays uncalibrated
+        until `hf_speft.calibrate` runs."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._masks_from_checkpoint = True  # not a field: never saved
+        return config
+
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config save; next to saved adapter weights (peft writes them first) it also adds the SPEFT section
         to the folder's model card (README.md)."""

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from .config import SparsePeftConfig
 
 UNCALIBRATED_MESSAGE = (
-    "The SPEFT adapter {adapter!r} uses the data-dependent salience {salience!r} and has no mask yet. Build it with "
-    "`hf_speft.calibrate(model, dataloader)` (or train with `hf_speft.SpeftTrainer`, which calibrates before the first "
-    "step), or choose a data-free measure such as salience='magnitude'."
+    "The SPEFT adapter {adapter!r} (salience {salience!r}) has no mask yet. Build it with "
+    "`hf_speft.calibrate(model, dataloader)` (data-free measures such as 'magnitude' need no dataloader), or train "
+    "with `hf_speft.SpeftTrainer`, which calibrates before the first step."
 )
 
 
@@ -182,11 +182,13 @@ class SparsePeftLayer(BaseTunerLayer):
                 std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
                 values = torch.randn(indices.numel(), generator=generator) * (std if math.isfinite(std) else 1.0)
         self.speft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
-        if adapter_name in self.speft_values:  # keep the Parameter object: an optimizer may already hold it
-            previous = self.speft_values[adapter_name]
+        previous = self.speft_values[adapter_name] if adapter_name in self.speft_values else None
+        if previous is not None and not previous.is_meta:  # keep the Parameter object: an optimizer may hold it
             previous.data = values.detach().to(device=device, dtype=previous.dtype)
-        else:
-            self.speft_values[adapter_name] = nn.Parameter(values.detach().to(device=device))
+        else:  # new, or a placeholder of peft's low_cpu_mem_usage loading (meta tensors take no data)
+            requires_grad = previous.requires_grad if previous is not None else True
+            self.speft_values[adapter_name] = nn.Parameter(values.detach().to(device=device),
+                                                           requires_grad=requires_grad)
         self._set_residual(adapter_name, *(residual if residual is not None else (indices[:0], values[:0])))
         self._patterns.pop(adapter_name, None)
         self.speft_uncalibrated.discard(adapter_name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -51,10 +53,15 @@ class SparseMasks:
     `peft_config`."""
 
     def build_data_free_masks(self, adapter_name: str) -> None:
-        """Build the adapter's mask right away when its configured salience measure needs no data."""
+        """Build the adapter's mask right away when its configured salience measure needs no data, unless its config
+        was read from a saved adapter (`SparsePeftConfig.from_pretrained`): loading takes the saved masks and does no
+        salience work."""
         from .salience import get_measure, select_adapter_masks
 
-        if get_measure(self.peft_config[adapter_name].salience).data_free:
+        config = self.peft_config[adapter_name]
+        if config.__dict__.pop("_masks_from_checkpoint", False):
+            return
+        if get_measure(config.salience).data_free:
             self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
 
     def adapter_budget(self, adapter_name: str) -> int:
@@ -161,6 +168,17 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         if any(is_partitioned(layer.get_base_layer().weight) for layer in layers):
             autocast_adapter_dtype = False
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft calls this around every forward and `generate`; it is where LoRA reads `adapter_names=` (mixed-adapter
+        batches). SPEFT does not support them yet, so the argument is refused instead of silently dropped."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"SPEFT does not support mixed-adapter batches yet (adapter_names={kwargs['adapter_names']!r}); run the "
+                "rows of each adapter separately after model.set_adapter(name)."
+            )
+        yield
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():
