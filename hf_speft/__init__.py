@@ -15,11 +15,13 @@ from .integrations.mixed import enable_mixed_adapters, save_mixed_adapter
 from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
 from .memory import MemoryEstimate, estimate_memory
-from .model import CorruptAdapterError, SparsePeftModel, sparse_layers
+from .checkpoint import CorruptAdapterError
+from .model import SparsePeftModel, refuse_uncalibrated_saves_up_front, sparse_layers
 from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
 enable_mixed_adapters()
+refuse_uncalibrated_saves_up_front()
 
 # The training classes import transformers' Trainer (and trl); they load on first access.
 _LAZY = {

@@ -6,16 +6,20 @@ Every command reports bad input as one line on stderr with exit code 2 (no trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from .data import read_jsonl
-from .hub import ADAPTER_WEIGHTS, AdapterFolderError, human_bytes, summarize_adapter
+from .checkpoint import ADAPTER_WEIGHTS
+from .hub import AdapterFolderError, human_bytes, summarize_adapter
 from .memory import METHODS as MEMORY_METHODS
 
 logger = logging.getLogger(__name__)
@@ -71,28 +75,35 @@ def _shards(checkpoint: str) -> list[str]:
                    ".merge_and_unload().")
 
 
-def _adapter_deltas(adapter_dir: str) -> dict[str, tuple[Any, Any, tuple[int, int]]]:
-    """module name -> (int64 logical indices, float32 values incl. the residual, (out, in))."""
-    import torch
-    from safetensors.torch import load_file
+def _adapter_deltas(adapter_dir: str) -> dict[str, Any]:
+    """module name -> validated `checkpoint.ModuleDelta` of the adapter's file."""
+    from .checkpoint import file_deltas, read_weights
 
-    tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    tensors = read_weights(path)
     other = sorted(key for key in tensors if ".speft_" not in key)
     if other:
         raise CliError(f"The adapter also holds non-SPEFT tensors ({other[:3]}, e.g. modules_to_save); merge it in "
                        "Python with PeftModel.from_pretrained(...).merge_and_unload().")
-    deltas = {}
-    for key in tensors:
-        module, attribute = key.rsplit(".", 1)
-        if attribute != "speft_indices":
-            continue
-        indices, values = tensors[key].long(), tensors[f"{module}.speft_values"].float()
-        if f"{module}.speft_residual_indices" in tensors:
-            indices = torch.cat([indices, tensors[f"{module}.speft_residual_indices"].long()])
-            values = torch.cat([values, tensors[f"{module}.speft_residual_values"].float()])
-        shape = tuple(int(v) for v in tensors[f"{module}.speft_weight_shape"].tolist())
-        deltas[module.removeprefix("base_model.model.")] = (indices, values, shape)
-    return deltas
+    return file_deltas(tensors, path)
+
+
+@contextlib.contextmanager
+def _staged_folder(out_dir: str) -> Iterator[str]:
+    """A temporary folder beside `out_dir` to write into; its files move into `out_dir` only if the block succeeds,
+    so a failed command leaves `out_dir` as it was (absent, or with its old files)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    try:
+        yield staging
+        if not os.path.exists(out_dir):
+            os.replace(staging, out_dir)
+            return
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merge_command(args: argparse.Namespace) -> None:
@@ -109,36 +120,36 @@ def merge_command(args: argparse.Namespace) -> None:
     conv1d = _conv1d_modules(checkpoint)
     if os.path.abspath(args.out_dir) == os.path.abspath(checkpoint):
         raise CliError("OUT_DIR must differ from the base checkpoint folder (the base is never overwritten).")
-    os.makedirs(args.out_dir, exist_ok=True)
     merged = set()
-    for shard in tqdm(shards, desc="merging shards"):
-        out = {}
-        with safe_open(os.path.join(checkpoint, shard), framework="pt") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                module = key.removesuffix(".weight")
-                if key.endswith(".weight") and module in deltas:
-                    tensor = _with_delta(tensor, *deltas[module], name=module, conv1d=module in conv1d)
-                    merged.add(module)
-                out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        save_file(out, os.path.join(args.out_dir, shard), metadata={**metadata, "format": "pt"})
-        del out
-    missing = sorted(set(deltas) - merged)
-    if missing:
-        raise CliError(f"The base checkpoint has no weights for adapter modules {missing[:5]}; is it the base model "
-                       "the adapter was trained on?")
-    for name in os.listdir(checkpoint):
-        source = os.path.join(checkpoint, name)
-        if os.path.isfile(source) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")):
-            shutil.copy(source, os.path.join(args.out_dir, name))
-    if dtype is not None and os.path.isfile(os.path.join(args.out_dir, "config.json")):
-        path = os.path.join(args.out_dir, "config.json")
-        with open(path) as f:
-            config = json.load(f)
-        config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2)
+    with _staged_folder(args.out_dir) as staging:
+        for shard in tqdm(shards, desc="merging shards"):
+            out = {}
+            with safe_open(os.path.join(checkpoint, shard), framework="pt") as f:
+                metadata = f.metadata() or {}
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    module = key.removesuffix(".weight")
+                    if key.endswith(".weight") and module in deltas:
+                        tensor = _with_delta(tensor, deltas[module], name=module, conv1d=module in conv1d)
+                        merged.add(module)
+                    out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            save_file(out, os.path.join(staging, shard), metadata={**metadata, "format": "pt"})
+            del out
+        missing = sorted(set(deltas) - merged)
+        if missing:
+            raise CliError(f"The base checkpoint has no weights for adapter modules {missing[:5]}; is it the base "
+                           "model the adapter was trained on?")
+        for name in os.listdir(checkpoint):
+            source = os.path.join(checkpoint, name)
+            if os.path.isfile(source) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                shutil.copy(source, os.path.join(staging, name))
+        if dtype is not None and os.path.isfile(os.path.join(staging, "config.json")):
+            path = os.path.join(staging, "config.json")
+            with open(path) as f:
+                config = json.load(f)
+            config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2)
     print(f"merged {len(merged)} modules into {len(shards)} shard(s) in {args.out_dir}")
 
 
@@ -159,19 +170,25 @@ def _conv1d_modules(checkpoint: str) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
-def _with_delta(weight, indices, values, shape: tuple[int, int], name: str, conv1d: bool):
-    """weight + the sparse delta, computed in fp32; (in, out) weights (GPT-2 Conv1D) are handled."""
-    out_features, in_features = shape
+def _with_delta(weight, delta, name: str, conv1d: bool):
+    """weight + the sparse delta (a `checkpoint.ModuleDelta`), computed in fp32; (in, out) weights (GPT-2 Conv1D)
+    are handled. A non-finite result is refused."""
+    import torch
+
+    out_features, in_features = delta.shape
+    indices, values = delta.all_entries()
     if not conv1d and tuple(weight.shape) == (out_features, in_features):
         positions = indices
     elif tuple(weight.shape) == (in_features, out_features):
         rows, cols = indices // in_features, indices % in_features
         positions = cols * out_features + rows
     else:
-        raise CliError(f"Module {name!r}: the adapter was trained on a {shape} weight, the base has "
+        raise CliError(f"Module {name!r}: the adapter was trained on a {delta.shape} weight, the base has "
                        f"{tuple(weight.shape)}.")
     result = weight.float().clone().reshape(-1)
     result[positions] += values
+    if not torch.isfinite(result[positions]).all():
+        raise CliError(f"Module {name!r}: the merged weight is not finite (the base holds huge values or NaN there).")
     return result.reshape(weight.shape).to(weight.dtype)
 
 
@@ -249,7 +266,8 @@ def plot_command(args: argparse.Namespace) -> None:
     except ImportError:
         raise CliError("plot needs matplotlib: pip install 'hf-speft[plot]'.") from None
     import numpy as np
-    from safetensors.torch import load_file
+
+    from .checkpoint import read_weights
 
     summary = summarize_adapter(args.adapter_dir)
     layers: dict[int, dict[str, float]] = {}
@@ -266,7 +284,7 @@ def plot_command(args: argparse.Namespace) -> None:
     for row, layer in enumerate(order):
         for column, kind in enumerate(kinds):
             grid[row, column] = layers[layer].get(kind, np.nan)
-    tensors = load_file(os.path.join(args.adapter_dir, ADAPTER_WEIGHTS))
+    tensors = read_weights(args.adapter_dir)
     values = np.concatenate([t.float().abs().numpy() for k, t in tensors.items() if k.endswith(".speft_values")])
 
     figure, (heat, hist) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(order) + 2)))

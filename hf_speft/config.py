@@ -190,6 +190,11 @@ class SparsePeftConfig(PeftConfig):
         returns describes saved masks: the adapter it is next injected with builds no mask (no salience work), since
         the checkpoint that peft loads next holds them. Injected without a checkpoint, that adapter stays uncalibrated
         until `hf_speft.calibrate` runs."""
+        from .checkpoint import check_readable
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):  # a damaged weights file is refused before peft changes the model
+            check_readable(folder)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config._masks_from_checkpoint = True  # not a field: never saved
         return config
@@ -198,7 +203,8 @@ class SparsePeftConfig(PeftConfig):
         """peft's config save; next to saved adapter weights (peft writes them first) it also adds the SPEFT section
         to the folder's model card (README.md)."""
         super().save_pretrained(save_directory, **kwargs)
-        from .hub import ADAPTER_WEIGHTS, update_model_card
+        from .checkpoint import ADAPTER_WEIGHTS
+        from .hub import update_model_card
 
         if os.path.isfile(os.path.join(save_directory, ADAPTER_WEIGHTS)):
             update_model_card(save_directory)

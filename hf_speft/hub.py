@@ -16,14 +16,17 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CorruptAdapterError, file_deltas, read_weights
+
 CARD_START, CARD_END = "<!-- hf-speft card start -->", "<!-- hf-speft card end -->"
 TRAINING_START, TRAINING_END = "<!-- hf-speft training start -->", "<!-- hf-speft training end -->"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32"}
 
 
 class AdapterFolderError(ValueError):
@@ -92,9 +95,8 @@ class AdapterSummary:
 
 
 def summarize_adapter(path: str) -> AdapterSummary:
-    """Read an adapter folder (adapter_config.json + adapter_model.safetensors) into an `AdapterSummary`."""
-    from safetensors import SafetensorError, safe_open
-
+    """Read an adapter folder (adapter_config.json + adapter_model.safetensors) into an `AdapterSummary`; its tensors
+    are validated as loading validates them (`hf_speft.checkpoint`)."""
     config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
@@ -106,30 +108,18 @@ def summarize_adapter(path: str) -> AdapterSummary:
         raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
     if config.get("peft_type") != "SPEFT":
         raise AdapterFolderError(f"{path!r} holds a {config.get('peft_type')!r} adapter, not a SPEFT one.")
-    modules: dict[str, ModuleSummary] = {}
-    dtypes: dict[str, str] = {}
     try:
-        with safe_open(weights_path, framework="pt") as tensors:  # reads the header, and the tiny shape tensors
-            for key in tensors.keys():
-                if ".speft_" not in key:
-                    continue
-                module, attribute = key.rsplit(".", 1)
-                name = module.removeprefix("base_model.model.")
-                entry = modules.setdefault(name, ModuleSummary(name, (0, 0), 0))
-                tensor = tensors.get_slice(key)
-                dtypes[attribute] = tensor.get_dtype()
-                if attribute == "speft_weight_shape":
-                    entry.shape = tuple(int(v) for v in tensors.get_tensor(key).tolist())
-                elif attribute == "speft_indices":
-                    entry.nnz = tensor.get_shape()[0]
-                elif attribute == "speft_residual_indices":
-                    entry.residual = tensor.get_shape()[0]
-    except (OSError, SafetensorError) as error:
+        tensors = read_weights(weights_path)
+        deltas = file_deltas(tensors, weights_path)
+    except CorruptAdapterError as error:
         raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
-    if not modules:
-        raise AdapterFolderError(f"{weights_path} holds no SPEFT tensors.")
+    dtypes = {key.rsplit(".", 1)[1]: _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
+              for key, tensor in tensors.items() if ".speft_" in key}
+    modules = [ModuleSummary(name, delta.shape, delta.indices.numel(),
+                             0 if delta.residual is None else delta.residual[0].numel())
+               for name, delta in deltas.items()]
     values_dtype = dtypes.get("speft_values", "F32")
-    return AdapterSummary(path=path, config=config, modules=sorted(modules.values(), key=lambda m: _natural(m.name)),
+    return AdapterSummary(path=path, config=config, modules=sorted(modules, key=lambda m: _natural(m.name)),
                           dtypes=dtypes, file_bytes=os.path.getsize(weights_path),
                           values_bytes_per_entry=_DTYPE_BYTES.get(values_dtype, 4))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -13,6 +15,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
 from .config import SparsePeftConfig
 from .layer import Linear, SparsePeftLayer
 from .masking import select_per_layer
@@ -43,8 +46,33 @@ def speft_tuner(model: nn.Module) -> SparseMasks:
     return tuner
 
 
-class CorruptAdapterError(ValueError):
-    """A saved SPEFT adapter does not fit the model it is loaded into, or its tensors are malformed."""
+def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
+    """Raise the how-to-calibrate error if a SPEFT adapter among `adapter_names` (default: all) has no mask yet."""
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, SparseMasks):
+        return
+    for adapter_name in adapter_names or list(tuner.peft_config):
+        for layer in sparse_layers(tuner.model, adapter_name).values():
+            layer.check_calibrated(adapter_name)
+
+
+def refuse_uncalibrated_saves_up_front() -> None:
+    """peft's `PeftModel.save_pretrained` creates the folder and its README before it asks the tuner for an adapter's
+    tensors, where an uncalibrated SPEFT adapter is refused, so a refused save used to leave a folder behind. The
+    check now runs first (idempotent; models without SPEFT adapters are unaffected)."""
+    original = PeftModel.save_pretrained
+    if getattr(original, "_speft_checks_first", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self, *args: Any, **kwargs: Any):
+        bound = signature.bind(self, *args, **kwargs)
+        check_saveable(self, bound.arguments.get("selected_adapters"))
+        return original(self, *args, **kwargs)
+
+    save_pretrained._speft_checks_first = True
+    PeftModel.save_pretrained = save_pretrained
 
 
 class SparseMasks:
@@ -205,13 +233,24 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         try:
             checked = cls._validated_masks(model, adapter_name, remapped)
         except CorruptAdapterError:
-            if isinstance(model, PeftModel) and len(model.peft_config) > 1:
-                model.delete_adapter(adapter_name)
+            cls._remove_failed_adapter(model, adapter_name)
             raise
         layers = sparse_layers(model, adapter_name)
-        for name, (indices, values, residual) in checked.items():
-            layers[name].set_mask(adapter_name, indices, values=values, residual=residual)
+        for name, delta in checked.items():
+            layers[name].set_mask(adapter_name, delta.indices, values=delta.values, residual=delta.residual)
         return remapped
+
+    @staticmethod
+    def _remove_failed_adapter(model, adapter_name: str) -> None:
+        """Undo the injection of an adapter whose checkpoint was refused: `load_adapter` drops it; a failed
+        `PeftModel.from_pretrained` (its only adapter) unwraps the caller's base model back to its own modules."""
+        if not isinstance(model, PeftModel):
+            return
+        if len(model.peft_config) > 1:
+            model.delete_adapter(adapter_name)
+            return
+        model.base_model._unload_and_optionally_merge(merge=False)
+        model.peft_config.pop(adapter_name, None)
 
     @staticmethod
     def _with_residual_keys(remapped, model, adapter_name):
@@ -225,26 +264,18 @@ class SparsePeftModel(SparseMasks, BaseTuner):
             renamed[key] = value
         return renamed
 
-    @classmethod
-    def _validated_masks(cls, model, adapter_name, remapped):
-        """(indices, values, residual or None) per SPEFT layer of `adapter_name` from a remapped checkpoint, all
-        checked."""
+    @staticmethod
+    def _validated_masks(model, adapter_name, remapped) -> dict[str, ModuleDelta]:
+        """The validated delta of every SPEFT layer of `adapter_name` in a remapped checkpoint
+        (`checkpoint.validated_module`), refusing missing and stray modules."""
         layers = sparse_layers(model, adapter_name)
         prefix = "base_model.model."
         model_keys = {name.removeprefix(prefix) for name in layers}
         checked = {}
         for name, layer in layers.items():
-            entries = {}
-            for attr in ("speft_indices", "speft_values", "speft_weight_shape"):
-                key = f"{name}.{attr}.{adapter_name}"
-                if key not in remapped:
-                    raise CorruptAdapterError(
-                        f"The checkpoint of adapter {adapter_name!r} has no {attr} for module {name!r}; the file is "
-                        "incomplete or was saved for a different model or target_modules."
-                    )
-                entries[attr] = remapped[key]
-            indices, values = cls._validated_mask(name, layer, **entries)
-            checked[name] = (indices, values, cls._validated_residual(name, layer, adapter_name, remapped, indices))
+            entries = {attribute: remapped[key] for attribute in MASK_ATTRIBUTES + RESIDUAL_ATTRIBUTES
+                       if (key := f"{name}.{attribute}.{adapter_name}") in remapped}
+            checked[name] = validated_module(name, (layer.out_features, layer.in_features), entries)
         stray = sorted(
             key for key in remapped
             if ".speft_" in key and key.rpartition(".speft_")[0].removeprefix(prefix) not in model_keys
@@ -255,44 +286,3 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 "saved for a different base model or target_modules."
             )
         return checked
-
-    @staticmethod
-    def _validated_mask(name, layer, speft_indices, speft_values, speft_weight_shape):
-        expected = (layer.out_features, layer.in_features)
-        if tuple(speft_weight_shape.tolist()) != expected:
-            raise CorruptAdapterError(
-                f"Module {name!r}: the adapter was saved for a {tuple(speft_weight_shape.tolist())} weight but the "
-                f"base model has {expected}; load it onto the base model it was trained on."
-            )
-        if speft_indices.dim() != 1 or speft_indices.dtype not in (torch.int32, torch.int64):
-            raise CorruptAdapterError(f"Module {name!r}: speft_indices must be a 1-D int32/int64 tensor.")
-        if speft_values.dim() != 1 or not speft_values.dtype.is_floating_point:
-            raise CorruptAdapterError(f"Module {name!r}: speft_values must be a 1-D floating-point tensor.")
-        if speft_values.numel() != speft_indices.numel():
-            raise CorruptAdapterError(
-                f"Module {name!r}: {speft_values.numel()} values for {speft_indices.numel()} indices."
-            )
-        numel = expected[0] * expected[1]
-        indices = speft_indices.to(torch.int64)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= numel):
-            raise CorruptAdapterError(f"Module {name!r}: indices out of range [0, {numel}).")
-        if (indices.diff() <= 0).any():
-            raise CorruptAdapterError(f"Module {name!r}: indices are not strictly increasing (unsorted or repeated).")
-        if not torch.isfinite(speft_values).all():
-            raise CorruptAdapterError(f"Module {name!r}: values contain NaN or inf.")
-        return indices, speft_values
-
-    @classmethod
-    def _validated_residual(cls, name, layer, adapter_name, remapped, mask_indices):
-        """The frozen residual of dynamic mask updates, if saved: checked like a mask and disjoint from it."""
-        keys = [f"{name}.speft_residual_{part}.{adapter_name}" for part in ("indices", "values")]
-        present = [key in remapped for key in keys]
-        if not any(present):
-            return None
-        if not all(present):
-            raise CorruptAdapterError(f"Module {name!r}: the residual needs both indices and values; one is missing.")
-        weight_shape = torch.tensor([layer.out_features, layer.in_features])
-        indices, values = cls._validated_mask(name, layer, remapped[keys[0]], remapped[keys[1]], weight_shape)
-        if torch.isin(indices, mask_indices).any():
-            raise CorruptAdapterError(f"Module {name!r}: residual indices overlap the mask.")
-        return indices, values

@@ -285,7 +285,8 @@ class SpeftTrainerMixin:
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The Trainer's card (used by `push_to_hub`), with the SPEFT section and what this run knows of training."""
         super().create_model_card(*args, **kwargs)
-        from .hub import ADAPTER_WEIGHTS, update_model_card
+        from .checkpoint import ADAPTER_WEIGHTS
+        from .hub import update_model_card
 
         if self.is_world_process_zero() and os.path.isfile(os.path.join(self.args.output_dir, ADAPTER_WEIGHTS)):
             update_model_card(self.args.output_dir, repo_id=self.hub_model_id, training=self._training_facts(kwargs))

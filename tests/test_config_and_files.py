@@ -98,8 +98,8 @@ def test_uncalibrated_adapter_refuses_training_and_saving(tmp_path):
     with pytest.raises(RuntimeError, match="hf_speft.calibrate"):
         model(input_ids=ids, labels=ids)
     with pytest.raises(RuntimeError, match="no mask yet"):
-        model.save_pretrained(tmp_path)
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()  # refused before peft creates the folder or its README
 
 
 @pytest.fixture
@@ -201,3 +201,61 @@ def test_adapter_on_a_different_base_model(saved_adapter):
     (saved_adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptAdapterError, match="different"):
         PeftModel.from_pretrained(tiny_gpt2(), saved_adapter)
+
+
+def damage_bytes(file, key, fill=b"\xff"):
+    """Overwrite the stored bytes of one tensor in place (0xFF bytes are NaN in float32), as a damaged disk would."""
+    raw = file.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + header_size])[key]["data_offsets"]
+    start = 8 + header_size + begin
+    file.write_bytes(raw[:start] + fill * (end - begin) + raw[start + end - begin:])
+
+
+def test_a_file_damaged_on_disk_is_refused_by_every_reader(saved_adapter, tmp_path, capsys):
+    from hf_speft.cli import main
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(base)
+    weights = saved_adapter / "adapter_model.safetensors"
+    damage_bytes(weights, first_key(load_file(weights), "speft_values"))
+    with pytest.raises(CorruptAdapterError, match="NaN"):
+        PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+    for command in (["inspect", str(saved_adapter)], ["merge", str(base), str(saved_adapter), str(tmp_path / "out")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "NaN" in err and str(weights) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out")]  # nor a staging folder
+
+
+def test_a_truncated_file_is_refused_naming_it_and_leaves_nothing_registered(saved_adapter):
+    weights = saved_adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="magnitude"))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(CorruptAdapterError, match=f"Cannot read the adapter file {weights}"):
+        model.load_adapter(saved_adapter, adapter_name="bad")
+    assert list(model.peft_config) == ["default"]
+    assert model.state_dict().keys() == before.keys()
+    with pytest.raises(CorruptAdapterError, match=str(weights)):
+        PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+
+
+def test_a_failed_from_pretrained_leaves_the_base_model_as_it_was(saved_adapter):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    corrupt(saved_adapter, _out_of_range)
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = base(input_ids=ids).logits
+    state = {key: value.clone() for key, value in base.state_dict().items()}
+    with pytest.raises(CorruptAdapterError, match="out of range"):
+        PeftModel.from_pretrained(base, saved_adapter)
+    assert not any(isinstance(module, BaseTunerLayer) for module in base.modules())
+    assert base.state_dict().keys() == state.keys()
+    assert all(torch.equal(base.state_dict()[key], value) for key, value in state.items())
+    torch.testing.assert_close(base(input_ids=ids).logits, expected, rtol=0, atol=0)

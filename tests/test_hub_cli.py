@@ -140,6 +140,8 @@ def test_merge_refuses_a_different_base(tmp_path, adapter_dir, capsys):
     tiny_gpt2().save_pretrained(tmp_path / "other")
     assert main(["merge", str(tmp_path / "other"), str(adapter_dir), str(tmp_path / "merged")]) == 2
     assert "no weights for adapter modules" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()  # a failed merge writes nothing
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".merged")]
 
 
 def test_salience_command_saves_a_trainable_mask(tmp_path, capsys):

@@ -1,0 +1,136 @@
+"""The saved-adapter format: `adapter_model.safetensors` holds, per adapted module `<module>`, the tensors
+`<module>.speft_indices` (sorted, unique flat positions in the (out, in) weight, int32 or int64),
+`<module>.speft_values` (one float per index), `<module>.speft_weight_shape` ([out, in]) and, after dynamic mask
+updates, `<module>.speft_residual_indices` / `<module>.speft_residual_values` (disjoint from the mask). In a
+`PeftModel`'s state dict each key also ends in `.<adapter name>`; in the file it does not.
+
+This module is the one reader: loading into a model (`SparsePeftModel`), `hf-speft merge`, `hf-speft inspect` and
+the model card all read through it, so a damaged file is refused the same way everywhere, naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MASK_ATTRIBUTES = ("speft_indices", "speft_values", "speft_weight_shape")
+RESIDUAL_ATTRIBUTES = ("speft_residual_indices", "speft_residual_values")
+
+
+class CorruptAdapterError(ValueError):
+    """A saved SPEFT adapter does not fit the model it is loaded into, or its tensors are malformed."""
+
+
+@dataclass
+class ModuleDelta:
+    """One module's validated delta: the mask, its values and the frozen residual (if any)."""
+
+    shape: tuple[int, int]
+    indices: torch.Tensor  # int64
+    values: torch.Tensor
+    residual: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def all_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 indices, float32 values) of the whole delta, mask and residual."""
+        if self.residual is None:
+            return self.indices, self.values.float()
+        return torch.cat([self.indices, self.residual[0]]), torch.cat([self.values.float(), self.residual[1].float()])
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file (or of the `adapter_model.safetensors` in a folder); a file that safetensors
+    cannot read raises `CorruptAdapterError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, ADAPTER_WEIGHTS) if os.path.isdir(path) else path
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as error:
+        raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
+
+
+def check_readable(path: str) -> None:
+    """Open a local adapter folder's weights file far enough to check its header (cheap), naming it if damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        return
+    try:
+        with safe_open(file, framework="pt") as tensors:
+            tensors.keys()
+    except (SafetensorError, OSError) as error:
+        raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
+
+
+def validated_module(name: str, shape: tuple[int, int], entries: dict[str, torch.Tensor]) -> ModuleDelta:
+    """Check one module's saved tensors (`MASK_ATTRIBUTES`, optionally `RESIDUAL_ATTRIBUTES`) against the (out, in)
+    `shape` it is for: dtypes, ranks, counts, index range and order, finiteness, residual disjoint from the mask."""
+    for attribute in MASK_ATTRIBUTES:
+        if attribute not in entries:
+            raise CorruptAdapterError(f"Module {name!r}: the checkpoint has no {attribute}; the file is incomplete or "
+                                      "was saved for a different model or target_modules.")
+    saved_shape = tuple(entries["speft_weight_shape"].tolist())
+    if saved_shape != tuple(shape):
+        raise CorruptAdapterError(
+            f"Module {name!r}: the adapter was saved for a {saved_shape} weight but the base model has {tuple(shape)}; "
+            "load it onto the base model it was trained on."
+        )
+    indices, values = _checked_entries(name, shape, entries["speft_indices"], entries["speft_values"])
+    present = [attribute in entries for attribute in RESIDUAL_ATTRIBUTES]
+    if not any(present):
+        return ModuleDelta(tuple(shape), indices, values)
+    if not all(present):
+        raise CorruptAdapterError(f"Module {name!r}: the residual needs both indices and values; one is missing.")
+    residual = _checked_entries(name, shape, *(entries[attribute] for attribute in RESIDUAL_ATTRIBUTES))
+    if torch.isin(residual[0], indices).any():
+        raise CorruptAdapterError(f"Module {name!r}: residual indices overlap the mask.")
+    return ModuleDelta(tuple(shape), indices, values, residual)
+
+
+def _checked_entries(name: str, shape: tuple[int, int], indices: torch.Tensor,
+                     values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise CorruptAdapterError(f"Module {name!r}: speft_indices must be a 1-D int32/int64 tensor.")
+    if values.dim() != 1 or not values.dtype.is_floating_point:
+        raise CorruptAdapterError(f"Module {name!r}: speft_values must be a 1-D floating-point tensor.")
+    if values.numel() != indices.numel():
+        raise CorruptAdapterError(f"Module {name!r}: {values.numel()} values for {indices.numel()} indices.")
+    numel = shape[0] * shape[1]
+    indices = indices.to(torch.int64)
+    if indices.numel() and (indices.min() < 0 or indices.max() >= numel):
+        raise CorruptAdapterError(f"Module {name!r}: indices out of range [0, {numel}).")
+    if (indices.diff() <= 0).any():
+        raise CorruptAdapterError(f"Module {name!r}: indices are not strictly increasing (unsorted or repeated).")
+    if not torch.isfinite(values).all():
+        raise CorruptAdapterError(f"Module {name!r}: values contain NaN or inf.")
+    return indices, values
+
+
+def file_deltas(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleDelta]:
+    """Module name (without peft's `base_model.model.` prefix) -> validated delta, for every SPEFT module of an
+    adapter file's tensors; each module is checked against the shape it was saved with. Errors name `source`."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if ".speft_" not in key:
+            continue
+        module, attribute = key.rsplit(".", 1)
+        grouped.setdefault(module.removeprefix("base_model.model."), {})[attribute] = tensor
+    if not grouped:
+        raise CorruptAdapterError(f"{source} holds no SPEFT tensors.")
+    deltas = {}
+    for name, entries in grouped.items():
+        shape = entries.get("speft_weight_shape")
+        if shape is None or shape.numel() != 2 or shape.is_floating_point() or (shape <= 0).any():
+            raise CorruptAdapterError(f"{source}: module {name!r} has no valid speft_weight_shape.")
+        try:
+            deltas[name] = validated_module(name, tuple(int(v) for v in shape.tolist()), entries)
+        except CorruptAdapterError as error:
+            raise CorruptAdapterError(f"{source}: {error}") from None
+    return deltas
