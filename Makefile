@@ -4,16 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test test-latest lock install benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): $(BIN)/python pyproject.toml
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. Everything else at the versions in
+# constraints.txt (the set CI passed with), so a new upstream release cannot change what a fresh clone installs.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,8 +25,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
+# The newest releases inside pyproject.toml's ranges, in a separate venv: try them before refreshing the lock.
+LATEST := .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet torch==2.13.0
+	echo torch==2.13.0 > $(LATEST)/torch-pin.txt  # the CPU build stays; everything else may move up
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test]"
+	$(LATEST)/bin/python -m pytest -n 2 --dist loadfile
+
+# Rewrite constraints.txt from the latest venv (run after `make test-latest` passes).
+lock:
+	{ sed -n '1,2p' constraints.txt; $(LATEST)/bin/pip freeze --exclude-editable | grep -v '^hf.speft' \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/memory_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST) .pytest_cache build *.egg-info
