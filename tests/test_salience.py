@@ -199,15 +199,31 @@ def test_grasp_on_a_trained_adapter_scores_the_effective_weight():
         torch.testing.assert_close(value, expected[name.removeprefix("base_model.model.")], atol=1e-9, rtol=1e-4)
 
 
-def test_dataloader_is_cycled_and_scores_offloaded_in_bfloat16():
+def test_a_short_dataloader_is_read_once_and_scores_offloaded_in_bfloat16(caplog):
+    """Fewer batches than asked: each is read once (not cycled up to num_batches), the means divide by the batches
+    read, and the shortfall is logged."""
     data = batches(num=2)
-    twice = compute_salience(base_model(), data + data, measure="gradient", num_batches=4, target_modules=TARGETS,
+    reads = []
+
+    class Counting:
+        def __len__(self):
+            return len(data)
+
+        def __iter__(self):
+            for batch in data:
+                reads.append(1)
+                yield batch
+
+    exact = compute_salience(base_model(), data, measure="gradient", num_batches=2, target_modules=TARGETS,
                              show_progress=False)
-    cycled = compute_salience(base_model(), data, measure="gradient", num_batches=4, target_modules=TARGETS,
-                              dtype=torch.bfloat16, device="cpu", show_progress=False)
-    for name in twice:
-        assert cycled[name].dtype == torch.bfloat16
-        torch.testing.assert_close(cycled[name].float(), twice[name], atol=1e-3, rtol=1e-2)
+    with caplog.at_level("WARNING", logger="hf_speft.salience.context"):
+        short = compute_salience(base_model(), Counting(), measure="gradient", num_batches=64,
+                                 target_modules=TARGETS, dtype=torch.bfloat16, device="cpu", show_progress=False)
+    assert len(reads) == 2
+    assert "used all 2 batches of its dataloader, fewer than the 64 asked for" in caplog.text
+    for name in exact:
+        assert short[name].dtype == torch.bfloat16
+        torch.testing.assert_close(short[name].float(), exact[name], atol=1e-3, rtol=1e-2)
 
 
 def speft_model(**kwargs):

@@ -147,8 +147,9 @@ def compute_salience(
 
     `model` is a `PeftModel` with a SPEFT adapter (its layers are scored, the current delta included in W) or a
     base model together with `target_modules` (matched like peft's `target_modules`). `dataloader` yields batches
-    the model accepts, with labels; it is cycled when shorter than `num_batches`. `budget` (the number of weights to
-    be kept) is needed by measures that prune progressively (`force`); for a SPEFT model it defaults to its adapter's.
+    the model accepts, with labels; at most `num_batches` are read (a shorter one is used as it is, not cycled).
+    `budget` (the number of weights to be kept) is needed by measures that prune progressively (`force`); for a SPEFT
+    model it defaults to its adapter's.
     `dtype`/`device` set where the scores accumulate; `micro_batch_size` back-propagates each batch in micro-batches
     of that many rows (same scores, a micro-batch's activations).
     """

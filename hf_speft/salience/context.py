@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -14,6 +15,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..layer import SparsePeftLayer
+
+logger = logging.getLogger(__name__)
 
 
 def logical_weight(module: nn.Module) -> torch.Tensor:
@@ -71,6 +74,7 @@ class SalienceContext:
     budget: Optional[int] = None
     show_progress: bool = True
     micro_batch_size: Optional[int] = None
+    batches_used: int = 0  # set by each pass of `batches()`: the divisor of batch means
 
     def __post_init__(self) -> None:
         size = self.micro_batch_size
@@ -91,27 +95,30 @@ class SalienceContext:
         return torch.Generator().manual_seed(self.seed)
 
     def batches(self, desc: str = "salience") -> Iterator[Any]:
-        """`num_batches` batches from the dataloader, cycling it if it is shorter, with a progress bar."""
+        """Up to `num_batches` batches from the dataloader, with a progress bar. A shorter dataloader is used as it is,
+        never cycled (a repeated batch costs a batch and adds no information): `batches_used` counts what a pass read,
+        and a pass that got fewer than asked logs it."""
         if self.dataloader is None:
             raise ValueError("This salience measure needs data; pass a dataloader to calibrate/compute_salience.")
-        batches = itertools.islice(_cycle(self.dataloader), self.num_batches)
-        return iter(tqdm(batches, total=self.num_batches, desc=desc, disable=not self.show_progress))
+        used = 0
+        total = min(self.num_batches, len(self.dataloader)) if hasattr(self.dataloader, "__len__") else None
+        for batch in tqdm(itertools.islice(self.dataloader, self.num_batches), total=total or self.num_batches,
+                          desc=desc, disable=not self.show_progress):
+            used += 1
+            yield batch
+        if used == 0:
+            raise ValueError("The salience dataloader yielded no batch.")
+        if used < self.num_batches:
+            logger.warning("salience used all %d batches of its dataloader, fewer than the %d asked for "
+                           "(salience_batches)", used, self.num_batches)
+        else:
+            logger.info("salience used %d batches", used)
+        self.batches_used = used
 
     def shape(self, name: str) -> tuple[int, int]:
         """(out_features, in_features) of one target."""
         in_features, out_features = _get_in_out_features(_base(self.layers[name]))
         return out_features, in_features
-
-
-def _cycle(iterable: Iterable[Any]) -> Iterator[Any]:
-    """Iterate `iterable` again and again (a dataloader restarts each pass)."""
-    while True:
-        empty = True
-        for item in iterable:
-            empty = False
-            yield item
-        if empty:
-            raise ValueError("The salience dataloader yielded no batch.")
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -111,7 +111,7 @@ def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
 
 
 def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
-    """ḡ: the gradient of the mean loss, averaged over `num_batches` batches, per target (out, in), accumulated in
+    """ḡ: the gradient of the mean loss, averaged over the batches read, per target (out, in), accumulated in
     the score dtype on the score device."""
     sums: dict[str, torch.Tensor] = {}
 
@@ -122,7 +122,7 @@ def mean_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
         _add_product(sums[name], grad_out.t(), x.reshape(-1, x.shape[-1]).float())
 
     _run_backward_passes(ctx, accumulate, "salience (gradients)")
-    return averaged_across_processes({name: sums[name].div_(ctx.num_batches) for name in ctx.layers})
+    return averaged_across_processes({name: sums[name].div_(ctx.batches_used) for name in ctx.layers})
 
 
 def mean_squared_sample_gradients(ctx: SalienceContext) -> dict[str, torch.Tensor]:
@@ -195,7 +195,7 @@ def hessian_gradient_products(ctx: SalienceContext, direction: dict[str, torch.T
                 for name, product in zip(probes, torch.autograd.grad(inner, tensors, allow_unused=True)):
                     if product is not None:
                         sums[name] += product.detach()
-    return averaged_across_processes({name: sums[name].div_(ctx.num_batches) for name in ctx.layers})
+    return averaged_across_processes({name: sums[name].div_(ctx.batches_used) for name in ctx.layers})
 
 
 def _device(ctx: SalienceContext, name: str, like: torch.Tensor) -> torch.device:
