@@ -234,15 +234,55 @@ def _gradient_checkpointing_guards(model: nn.Module, args: Any) -> None:
     model.enable_input_require_grads()
 
 
+def _accepts_peft_config(init: Callable) -> bool:
+    import inspect
+
+    return "peft_config" in inspect.signature(init).parameters
+
+
+_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+
+
+def _wrapped(model: Any, peft_config: Any) -> nn.Module:
+    """`model` (a module, or a Hub id / local path loaded with the config's task's Auto class) with the adapter."""
+    import transformers
+    from peft import get_peft_model
+
+    if isinstance(model, str):
+        task = getattr(peft_config.task_type, "value", peft_config.task_type)
+        auto_class = getattr(transformers, _AUTO_CLASSES.get(task, "AutoModelForCausalLM"))
+        model = auto_class.from_pretrained(model)
+    if model is None:
+        raise ValueError("Pass the model to train (a model, or a model id or path) with peft_config.")
+    return get_peft_model(model, peft_config)
+
+
 class SpeftTrainerMixin:
     """Makes any `transformers.Trainer` subclass a SPEFT trainer (see the module docstring).
 
     Args:
+        model: A `PeftModel` with a SPEFT adapter; or, with `peft_config`, a plain model or a model id/path (as trl's
+            `SFTTrainer(model=..., peft_config=...)`).
+        peft_config: A `SparsePeftConfig` to wrap `model` with (`get_peft_model`). trl's `SFTTrainer` wraps it
+            itself; for `Trainer` the mixin does, loading a model id/path with the Auto class of the config's
+            `task_type` (causal LM by default).
         calibration_dataset: Dataset for salience (default: the training dataset), batched and collated like it.
     """
 
-    def __init__(self, *args: Any, calibration_dataset: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any = None, *args: Any, peft_config: Any = None, calibration_dataset: Any = None,
+                 **kwargs: Any) -> None:
+        if peft_config is not None:
+            from .config import SparsePeftConfig
+
+            if not isinstance(peft_config, SparsePeftConfig):
+                raise TypeError(f"{type(self).__name__} trains SPEFT adapters; got peft_config of type "
+                                f"{type(peft_config).__name__} (use Trainer/SFTTrainer for other peft methods).")
+            if _accepts_peft_config(super().__init__):
+                kwargs["peft_config"] = peft_config
+            else:
+                model = _wrapped(model, peft_config)
+        super().__init__(model, *args, **kwargs)
         speft_tuner(self.model)
         _gradient_checkpointing_guards(self.model, self.args)
         self.calibration_dataset = calibration_dataset

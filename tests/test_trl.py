@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
@@ -55,3 +56,38 @@ def test_sft_trainer_completion_only_loss_and_reload(tmp_path):
     for name, layer in trained.items():  # (the trained model's forward stays under accelerate's bf16 autocast)
         assert torch.equal(reloaded[name].speft_indices["default"], layer.speft_indices["default"])
         assert torch.equal(reloaded[name].speft_values["default"], layer.speft_values["default"])
+
+
+def test_sft_trainer_takes_a_model_path_and_peft_config_like_trl(tmp_path):
+    """trl's convention: SFTTrainer(model="org/model" or a path, peft_config=...); trl loads and wraps the model."""
+    base_model().save_pretrained(tmp_path / "base")
+    word_tokenizer().save_pretrained(tmp_path / "base")
+    args = SFTConfig(str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
+                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    config = hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=2, salience="gradient",
+                                       salience_batches=2)
+    trainer = hf_speft.SpeftSFTTrainer(model=str(tmp_path / "base"), args=args, train_dataset=counting_prompts(),
+                                       peft_config=config)
+    assert isinstance(trainer.model, PeftModel) and trainer.model.peft_config["default"] is config
+    trainer.train()
+    layers = sparse_layers(trainer.model)
+    assert layers and all(layer.speft_values["default"].numel() > 0 for layer in layers.values())
+
+
+def test_speft_trainer_takes_a_plain_model_or_path_and_peft_config(tmp_path):
+    from trainer_helpers import counting_dataset, training_args
+    from transformers import default_data_collator
+
+    base_model().save_pretrained(tmp_path / "base")
+    config = dict(target_modules=TARGETS, density=0.05, salience="gradient", salience_batches=2)
+    for model in (base_model(), str(tmp_path / "base")):
+        trainer = hf_speft.SpeftTrainer(model=model, args=training_args(tmp_path / "out", max_steps=2),
+                                        train_dataset=counting_dataset(), data_collator=default_data_collator,
+                                        peft_config=hf_speft.SparsePeftConfig(**config))
+        assert isinstance(trainer.model, PeftModel)
+        trainer.train()
+        assert sum(layer.speft_values["default"].numel() for layer in sparse_layers(trainer.model).values()) > 0
+    from peft import LoraConfig
+
+    with pytest.raises(TypeError, match="trains SPEFT adapters; got peft_config of type LoraConfig"):
+        hf_speft.SpeftTrainer(model=base_model(), args=training_args(tmp_path / "out"), peft_config=LoraConfig())
