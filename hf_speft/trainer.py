@@ -134,7 +134,8 @@ class MaskUpdater:
         return any(self.adapter_name in layer.speft_uncalibrated for layer in self._layers().values())
 
     def calibrate(self) -> dict[str, int]:
-        """Compute salience, build the masks and record the time and per-layer densities; returns nnz per module."""
+        """Compute salience, build the masks and record the time and the density per module type (the per-module
+        densities are in the saved adapter's card and `hf-speft inspect`); returns nnz per module."""
         start = time.perf_counter()
         with _isolated_rng():
             counts = calibrate(self.model, self.dataloader, self.adapter_name, show_progress=self.show_progress)
@@ -145,9 +146,13 @@ class MaskUpdater:
             "speft/trainable_params": sum(counts.values()),
             "speft/density": sum(counts.values()) / total,
         })
+        kept: dict[str, list[int]] = {}  # per module type (q_proj, ...): a summary, not one entry per module
         for name, count in counts.items():
             layer = layers[name]
-            self._metrics[f"speft/density/{name}"] = count / (layer.out_features * layer.in_features)
+            totals = kept.setdefault(name.rsplit(".", 1)[-1], [0, 0])
+            totals[0] += count
+            totals[1] += layer.out_features * layer.in_features
+        self._metrics.update({f"speft/density/{kind}": count / size for kind, (count, size) in kept.items()})
         return counts
 
     def is_due(self, global_step: int) -> bool:

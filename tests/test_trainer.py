@@ -41,7 +41,14 @@ def test_trainer_calibrates_trains_and_changes_only_mask_positions(tmp_path):
     first_log = trainer.state.log_history[0]
     assert first_log["speft/trainable_params"] == sum(v.numel() for _, v in masks_and_values(model).values())
     assert first_log["speft/salience_seconds"] > 0
-    assert any(key.startswith("speft/density/") for key in first_log)
+    # One density per module type, not per module (a 7B model has 210 targeted modules).
+    assert {key for key in first_log if key.startswith("speft/density/")} == {
+        f"speft/density/{kind}" for kind in ("q_proj", "v_proj", "up_proj", "down_proj", "lm_head")}
+    total = sum(layer.speft_values["default"].numel() for name, layer in sparse_layers(model).items()
+                if name.endswith("q_proj"))
+    size = sum(layer.out_features * layer.in_features for name, layer in sparse_layers(model).items()
+               if name.endswith("q_proj"))
+    assert first_log["speft/density/q_proj"] == pytest.approx(total / size)
     # The optimizer holds the sparse values only (O(nnz) state).
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(layer.speft_values["default"]) for layer in sparse_layers(model).values()}
