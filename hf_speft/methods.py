@@ -56,31 +56,90 @@ class MethodArguments:
             raise ValueError(f"Give one SPEFT budget, not {', '.join('--' + name for name in given)}.")
 
 
-def prepare_model(model: nn.Module, args: MethodArguments, *, target_modules: Any, lora_r: int, lora_alpha: int,
-                  task_type: str, lora_dropout: float = 0.0) -> nn.Module:
-    """`model` ready to train with `args.method`: full fine-tuning returns it as is; LoRA and PiSSA (peft, rank
-    `lora_r`) and SPEFT (budget defaulting to `match_lora_rank=lora_r`) wrap it with `get_peft_model`, so the
-    trainable counts of LoRA, PiSSA and SPEFT are equal. `speft+lora` is SPEFT's hybrid mode at the same budget, with
-    a low-rank part of rank `hybrid_lora_r` (default `lora_r // 2`, at least 1) and the sparse mask taking the rest."""
-    from peft import LoraConfig, get_peft_model
+def peft_config_for(args: MethodArguments, *, target_modules: Any, lora_r: int, lora_alpha: int, task_type: str,
+                    lora_dropout: float = 0.0) -> Any:
+    """The peft config that `args.method` trains with, or None for full fine-tuning: LoRA and PiSSA (rank `lora_r`)
+    and SPEFT (budget defaulting to `match_lora_rank=lora_r`) train the same number of weights. `speft+lora` is
+    SPEFT's hybrid mode at the same budget, with a low-rank part of rank `hybrid_lora_r` (default `lora_r // 2`, at
+    least 1) and the sparse mask taking the rest. Building it validates SPEFT's options (ValueError)."""
+    from peft import LoraConfig
 
     from .config import SparsePeftConfig
 
     if args.method == "full":
-        return model
+        return None
     if args.method in ("lora", "pissa"):
-        return get_peft_model(model, LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-            init_lora_weights="pissa_niter_4" if args.method == "pissa" else True, task_type=task_type))
+        return LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                          init_lora_weights="pissa_niter_4" if args.method == "pissa" else True, task_type=task_type)
     budget = {name: getattr(args, name) for name in SPEFT_BUDGETS if getattr(args, name) is not None}
     hybrid = {}
     if args.method == "speft+lora":
         hybrid_r = args.hybrid_lora_r or max(1, lora_r // 2)
         hybrid = dict(lora_r=hybrid_r, lora_alpha=lora_alpha * hybrid_r / lora_r, lora_dropout=lora_dropout)
-    return get_peft_model(model, SparsePeftConfig(
+    return SparsePeftConfig(
         target_modules=target_modules, task_type=task_type, salience=args.salience, mask_scope=args.mask_scope,
         mask_update=args.mask_update, update_interval=args.update_interval, salience_batches=args.salience_batches,
-        salience_micro_batch_size=args.salience_micro_batch_size, **(budget or {"match_lora_rank": lora_r}), **hybrid))
+        salience_micro_batch_size=args.salience_micro_batch_size, **(budget or {"match_lora_rank": lora_r}), **hybrid)
+
+
+def check_model_and_targets(model_name_or_path: str, peft_config: Any, auto_class: Any, **config_kwargs: Any) -> None:
+    """Before any weight is loaded: the model's config can be read, `peft_config`'s targets match modules of its
+    architecture (built empty, on the meta device) and a SPEFT budget fits them. ValueError otherwise."""
+    from accelerate import init_empty_weights
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot load the model {model_name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if peft_config is None or peft_config.target_modules in (None, "all-linear"):
+        return
+    with init_empty_weights():
+        model = auto_class.from_config(config)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+    targets = {name: module for name, module in layers.items() if check_target_module_exists(peft_config, name)}
+    if not targets:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        wanted = peft_config.target_modules
+        wanted = repr(wanted) if isinstance(wanted, str) else sorted(wanted)
+        raise ValueError(f"--lora_target_modules {wanted} matches no linear layer of "
+                         f"{model_name_or_path!r}; its linear layers are named {kinds}.")
+    if hasattr(peft_config, "budget_split"):  # SPEFT: the budget must fit the targeted weights
+        shapes = []
+        for module in targets.values():
+            out_features, in_features = module.weight.shape
+            shapes.append((in_features, out_features) if isinstance(module, Conv1D) else (out_features, in_features))
+        peft_config.budget_split(shapes)
+
+
+def fixed_subset(rows: list, size: Optional[int]) -> list:
+    """The same `size` rows in every run (drawn with seed 0, in their original order), or all rows."""
+    if size is None or size >= len(rows):
+        return rows
+    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:size]
+    return [rows[index] for index in sorted(chosen.tolist())]
+
+
+def use_cpu_without_a_gpu(parser: Any) -> None:
+    """Defaults that run on a machine without a GPU: `use_cpu=True` and fp32 (`bf16=False`; trl defaults to bf16,
+    which TrainingArguments refuses without a GPU). Given options and `--config` values still win."""
+    if not torch.cuda.is_available():
+        parser.set_defaults(use_cpu=True, bf16=False)
+
+
+def training_facts(args: Any, trainer: Any, max_length: Optional[int]) -> dict[str, Any]:
+    """What a results.json needs to compare runs: optimisation settings, steps done, batch sizes, precision, seed."""
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    world = trainer.accelerator.num_processes
+    return {"learning_rate": args.learning_rate, "lr_scheduler": str(args.lr_scheduler_type),
+            "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs,
+            "steps": trainer.state.global_step, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world,
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+            "max_length": max_length, "precision": precision, "device": "cpu" if args.use_cpu else str(args.device),
+            "seed": args.seed}
 
 
 def train_and_save(trainer: Any, method: str) -> tuple[float, int]:

@@ -22,14 +22,16 @@ from typing import Optional
 
 import torch
 from datasets import Dataset, load_dataset
+from peft import get_peft_model
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments)
 from trl import TrlParser
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
-                              run_recipe, salience_seconds, train_and_save, train_losses, user_input_checks)
+from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset,
+                              peak_memory_bytes, peft_config_for, run_recipe, salience_seconds, train_and_save,
+                              train_losses, training_facts, use_cpu_without_a_gpu, user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -106,10 +108,7 @@ def load_glue(args: GlueArguments) -> tuple[list[dict], dict[str, list[dict]]]:
         data = load_dataset("glue", args.task)
         train, dev = list(data["train"]), list(data["validation_matched" if args.task == "mnli" else "validation"])
     evaluated = {"dev": dev, **({"test": read_rows(args.test_file, args.task)} if args.test_file else {})}
-    if args.max_train_samples is not None and args.max_train_samples < len(train):
-        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.max_train_samples]
-        train = [train[index] for index in sorted(chosen.tolist())]
-    return train, evaluated
+    return fixed_subset(train, args.max_train_samples), evaluated
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -161,12 +160,21 @@ def check_arguments(args: GlueArguments, method: MethodArguments) -> None:
     method.check()
 
 
+def make_parser() -> TrlParser:
+    parser = TrlParser((GlueArguments, MethodArguments, TrainingArguments))
+    use_cpu_without_a_gpu(parser)
+    return parser
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, method, training_args = TrlParser((GlueArguments, MethodArguments, TrainingArguments)).parse_args_and_config(
-        argv)
-    with user_input_checks():
+    args, method, training_args = make_parser().parse_args_and_config(argv)
+    with user_input_checks():  # every option and the data, before any weight is loaded
         check_arguments(args, method)
         train_rows, evaluated = load_glue(args)
+        peft_config = peft_config_for(method, target_modules=args.target_modules, lora_r=args.lora_r,
+                                      lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the head trains in all
+        check_model_and_targets(args.model_name_or_path, peft_config, AutoModelForSequenceClassification,
+                                num_labels=TASKS[args.task][1])
     first, second = TASKS[args.task][0]
     num_labels = TASKS[args.task][1]
 
@@ -178,11 +186,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return Dataset.from_dict({**encoded, "labels": [row["label"] for row in rows]})
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
-    model = prepare_model(model, method, target_modules=args.target_modules, lora_r=args.lora_r,
-                          lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the classifier head trains in all
-    trainer_class = hf_speft.SpeftTrainer if method.method in SPEFT_METHODS else Trainer
-    trainer = trainer_class(model=model, args=training_args, train_dataset=tokenized(train_rows),
-                            eval_dataset=tokenized(evaluated["dev"]), data_collator=DataCollatorWithPadding(tokenizer))
+    common = dict(args=training_args, train_dataset=tokenized(train_rows), eval_dataset=tokenized(evaluated["dev"]),
+                  data_collator=DataCollatorWithPadding(tokenizer))
+    if method.method in SPEFT_METHODS:
+        trainer = hf_speft.SpeftTrainer(model=model, peft_config=peft_config, **common)
+    else:
+        trainer = Trainer(model=model if peft_config is None else get_peft_model(model, peft_config), **common)
     train_time, trainable = train_and_save(trainer, method.method)
 
     def evaluate(rows: list[dict]) -> dict[str, float]:
@@ -197,6 +206,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "salience_seconds": salience_seconds(trainer), "peak_memory_bytes": peak_memory_bytes(),
                "train_losses": train_losses(trainer),
                "world_size": trainer.accelerator.num_processes,
+               "training": training_facts(training_args, trainer, args.max_length),
                "config": {"script": asdict(args), "method": asdict(method)}}
     if "test" in evaluated:
         results.update(test_metrics=evaluate(evaluated["test"]), num_test=len(evaluated["test"]))

@@ -9,12 +9,15 @@ score greedy answers on the test split with lm-eval-harness's two GSM8K metrics 
 Budgets: LoRA and PiSSA train r·(m+n) weights per targeted matrix; SPEFT uses `--match_lora_rank` (default: the same
 `--lora_r`), or `--density` / `--num_params`; `speft+lora` (SPEFT's hybrid mode) spends the same budget on a rank
 `--hybrid_lora_r` pair (default half of `--lora_r`) plus a sparse mask. Every method prints its trainable count.
-Results (metrics, config, trainable parameters, train time, peak memory) go to OUTPUT_DIR/results.json.
+Results (metrics, training settings, config, trainable parameters, train time, salience time, peak memory) go to
+OUTPUT_DIR/results.json, and every test problem's output and extracted answers to OUTPUT_DIR/predictions.jsonl. On a
+machine without a GPU the defaults are `--use_cpu True --bf16 False`; every option is checked before any weight loads.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -24,12 +27,16 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
+from tqdm.auto import tqdm
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 import hf_speft
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, peak_memory_bytes, prepare_model,
-                              run_recipe, salience_seconds, train_and_save, train_losses, user_input_checks)
+from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset,
+                              peak_memory_bytes, peft_config_for, run_recipe, salience_seconds, train_and_save,
+                              train_losses, training_facts, use_cpu_without_a_gpu, user_input_checks)
+
+logger = logging.getLogger("gsm8k.py")
 
 PROMPT = "Question: {question}\nAnswer:"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -46,6 +53,10 @@ class ScriptArguments:
         default=None, metadata={"help": "Folder with train.jsonl/test.jsonl in GSM8K format (default: the Hub)."})
     dataset_name: str = field(default="openai/gsm8k", metadata={"help": "Hub dataset (config 'main')."})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate the first N test problems only."})
+    max_train_samples: Optional[int] = field(default=None, metadata={
+        "help": "Train on a fixed subset of N problems (the same N in every run, drawn with seed 0)."})
+    eval_before: bool = field(default=False, metadata={
+        "help": "Also score the test problems before training (metrics_before_training in results.json)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per test problem."})
 
 
@@ -113,20 +124,22 @@ def score(outputs: list[str], answers: list[str]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def check_arguments(method: MethodArguments, model_args: ModelConfig) -> None:
+def check_arguments(args: ScriptArguments, method: MethodArguments, model_args: ModelConfig) -> None:
     method.check()
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise ValueError(f"--max_train_samples must be a positive count, got {args.max_train_samples}.")
     if method.method == "full" and (model_args.load_in_8bit or model_args.load_in_4bit):
         raise ValueError("Full fine-tuning cannot train 8-bit or 4-bit weights; drop --load_in_8bit/--load_in_4bit.")
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
-                     synced_gpus: bool = False) -> list[str]:
+                     synced_gpus: bool = False, show_progress: bool = True) -> list[str]:
     """Greedy answers to `rows`; `synced_gpus` when every rank must take part in each forward (ZeRO-3)."""
     model.eval()
     tokenizer.padding_side = "left"
     outputs = []
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="generating answers", disable=not show_progress):
         prompts = [PROMPT.format(question=row["question"]) for row in rows[start:start + batch_size]]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -135,49 +148,92 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, ba
     return outputs
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def predictions(rows: list[dict], outputs: list[str]) -> list[dict]:
+    """One record per test problem: question, gold answer, generated output and both extractions, scored."""
+    records = []
+    for row, output in zip(rows, outputs):
+        gold = normalize(row["answer"])
+        strict, flexible = strict_answer(output), flexible_answer(output)
+        records.append({"question": row["question"], "gold": gold, "output": output, "strict": strict,
+                        "flexible": flexible, "strict_correct": strict is not None and normalize(strict) == gold,
+                        "flexible_correct": flexible is not None and normalize(flexible) == gold})
+    return records
+
+
+def kbit_device_map() -> Optional[dict]:
+    """Quantized weights load on this process's GPU (each rank its own), or on the CPU without one."""
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+
+
+def make_parser() -> TrlParser:
     parser = TrlParser((ScriptArguments, MethodArguments, SFTConfig, ModelConfig))
-    args, method, training_args, model_args = parser.parse_args_and_config(argv)
-    with user_input_checks():
-        check_arguments(method, model_args)
+    use_cpu_without_a_gpu(parser)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, method, training_args, model_args = make_parser().parse_args_and_config(argv)
+    with user_input_checks():  # every option and the data, before any weight is loaded
+        check_arguments(args, method, model_args)
         train_rows, test_rows = load_gsm8k(args)
+        peft_config = peft_config_for(method, target_modules=model_args.lora_target_modules or "all-linear",
+                                      lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                                      lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM")
+        check_model_and_targets(model_args.model_name_or_path, peft_config, AutoModelForCausalLM)
+    train_rows = fixed_subset(train_rows, args.max_train_samples)
     test_rows = test_rows[: args.eval_limit] if args.eval_limit else test_rows
+    if not torch.cuda.is_available():
+        logger.warning("no GPU: training on the CPU in %s", "bf16" if training_args.bf16 else "fp32")
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     quantization = get_quantization_config(model_args)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=model_args.dtype or "auto", quantization_config=quantization,
-        attn_implementation=model_args.attn_implementation)
-    model = prepare_model(model, method, target_modules=model_args.lora_target_modules or "all-linear",
-                          lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                          lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM")
+    training_args.model_init_kwargs = {  # trl loads the model from its id or path, as trl's scripts/sft.py does
+        "dtype": model_args.dtype or "auto", "attn_implementation": model_args.attn_implementation,
+        **({"quantization_config": quantization, "device_map": kbit_device_map()} if quantization else {})}
     trainer_class = hf_speft.SpeftSFTTrainer if method.method in SPEFT_METHODS else SFTTrainer
-    trainer = trainer_class(model=model, args=training_args, train_dataset=prompt_completion(train_rows),
-                            processing_class=tokenizer)
+    trainer = trainer_class(model=model_args.model_name_or_path, args=training_args,
+                            train_dataset=prompt_completion(train_rows), processing_class=tokenizer,
+                            peft_config=peft_config)
+    zero3 = is_deepspeed_zero3_enabled()  # partitioned weights: every rank takes part in each forward
+    main_process = trainer.accelerator.is_main_process
+
+    def evaluate() -> tuple[list[str], dict]:
+        if not (zero3 or main_process):
+            return [], {}
+        outputs = generate_answers(trainer.model, tokenizer, test_rows, args.max_new_tokens,
+                                   training_args.per_device_eval_batch_size, synced_gpus=zero3,
+                                   show_progress=main_process and not training_args.disable_tqdm)
+        return outputs, score(outputs, [row["answer"] for row in test_rows])
+
+    before = evaluate()[1] if args.eval_before else None
     train_time, trainable = train_and_save(trainer, method.method)
+    outputs, metrics = evaluate()
 
     results: dict = {}
-    zero3 = is_deepspeed_zero3_enabled()  # partitioned weights: every rank takes part in each forward
-    if zero3 or trainer.accelerator.is_main_process:
-        outputs = generate_answers(trainer.model, tokenizer, test_rows, args.max_new_tokens,
-                                   training_args.per_device_eval_batch_size, synced_gpus=zero3)
-    if trainer.accelerator.is_main_process:
+    if main_process:
         results = {
             "method": method.method,
-            "metrics": score(outputs, [row["answer"] for row in test_rows]),
+            "metrics": metrics,
+            **({"metrics_before_training": before} if before is not None else {}),
             "num_eval": len(test_rows),
+            "num_train": len(train_rows),
             "trainable_params": trainable,
             "train_time_s": train_time,
             "salience_seconds": salience_seconds(trainer),
             "train_losses": train_losses(trainer),
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,
+            "training": training_facts(training_args, trainer, training_args.max_length),
             "config": {"script": asdict(args), "method": asdict(method), "model": asdict(model_args)},
         }
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
+        with open(os.path.join(training_args.output_dir, "predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in predictions(test_rows, outputs))
         print(json.dumps(results["metrics"]), flush=True)
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name="gsm8k")

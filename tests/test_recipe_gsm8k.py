@@ -208,3 +208,70 @@ def test_shipped_recipe_configs_parse_with_matched_budgets(path):
         assert method.salience_batches * training.per_device_train_batch_size == 64 * 16
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 16
     assert training.learning_rate == 2e-5 and training.bf16 and training.gradient_checkpointing
+
+
+def without(args: list[str], *flags: str) -> list[str]:
+    """`args` less each flag in `flags` and its values."""
+    kept, skipping = [], False
+    for arg in args:
+        if arg.startswith("--"):
+            skipping = arg in flags
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
+def test_documented_command_runs_without_a_gpu_with_cpu_defaults(tmp_path, tiny_model_dir, monkeypatch):
+    """No --use_cpu/--bf16 on a machine without a GPU: the recipe picks use_cpu=True and fp32 instead of failing."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = without(recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out", "lora"),
+                   "--use_cpu", "--bf16")
+    _, _, training, _ = gsm8k.make_parser().parse_args_and_config(args)
+    assert training.use_cpu and not training.bf16
+    results = gsm8k.main(args)
+    assert results["training"]["precision"] == "fp32" and results["training"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--density", "0"], "density=0.0 is not allowed"),
+    (["--salience", "gradiant"], "salience='gradiant' is not a registered measure"),
+    (["--lora_target_modules", "nope_proj"], r"--lora_target_modules \[?'nope_proj'\]? matches no linear layer"),
+    (["--num_params", "100000000"], "asks for 100000000 trainable weights"),
+    (["--model_name_or_path", "/nowhere/model"], "Cannot load the model '/nowhere/model'"),
+])
+def test_bad_options_are_refused_before_any_weight_loads(tmp_path, tiny_model_dir, monkeypatch, extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    args = without(recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out", "speft"),
+                   *[flag for flag in extra if flag.startswith("--")])
+    with pytest.raises(gsm8k.RecipeError, match=message):
+        gsm8k.main(args + extra)
+
+
+def test_a_bad_option_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir):
+    args = recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out", "speft")
+    result = subprocess.run([sys.executable, str(RECIPE), *args, "--salience", "gradiant"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "gsm8k.py: error: salience='gradiant' is not a registered measure" in result.stderr
+
+
+def test_results_record_training_facts_predictions_and_the_score_before_training(tmp_path, tiny_model_dir):
+    data = write_dataset(tmp_path / "data")
+    gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", "speft", "--eval_before", "True",
+                           "--max_train_samples", "5", "--seed", "7", "--max_length", "64"))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    training = saved["training"]
+    assert training["learning_rate"] == 1e-2 and training["steps"] == 2 and training["max_steps"] == 2
+    assert training["per_device_train_batch_size"] == 4 and training["effective_batch_size"] == 4
+    assert training["max_length"] == 64 and training["precision"] == "fp32" and training["seed"] == 7
+    assert saved["num_train"] == 5 and set(saved["metrics_before_training"]) == set(saved["metrics"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == saved["num_eval"] == 3
+    assert records[0]["question"] == PROBLEMS[0]["question"] and records[0]["gold"] == "7"
+    assert {"output", "strict", "flexible", "strict_correct", "flexible_correct"} <= set(records[0])
+    strict = sum(record["strict_correct"] for record in records) / len(records)
+    assert strict == saved["metrics"]["strict_match"]
+    assert gsm8k.fixed_subset(list(range(8)), 5) == gsm8k.fixed_subset(list(range(8)), 5) != list(range(5))
