@@ -16,12 +16,12 @@ from .layer import Linear, SparsePeftLayer
 from .masking import select_mask
 from .memory import MemoryEstimate, estimate_memory
 from .checkpoint import CorruptAdapterError
-from .model import SparsePeftModel, refuse_uncalibrated_saves_up_front, sparse_layers
+from .model import SparsePeftModel, adapt_peft_model, sparse_layers
 from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
 enable_mixed_adapters()
-refuse_uncalibrated_saves_up_front()
+adapt_peft_model()
 
 # The training classes import transformers' Trainer (and trl); they load on first access.
 _LAZY = {

@@ -56,23 +56,43 @@ def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = N
             layer.check_calibrated(adapter_name)
 
 
-def refuse_uncalibrated_saves_up_front() -> None:
-    """peft's `PeftModel.save_pretrained` creates the folder and its README before it asks the tuner for an adapter's
-    tensors, where an uncalibrated SPEFT adapter is refused, so a refused save used to leave a folder behind. The
-    check now runs first (idempotent; models without SPEFT adapters are unaffected)."""
-    original = PeftModel.save_pretrained
-    if getattr(original, "_speft_checks_first", False):
+def uncalibrated_budgets(peft_model: nn.Module) -> dict[str, int]:
+    """Adapter name -> the number of weights its mask will train, for each SPEFT adapter not calibrated yet."""
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, SparseMasks):
+        return {}
+    return {name: tuner.adapter_budget(name) for name, config in tuner.peft_config.items()
+            if isinstance(config, SparsePeftConfig)
+            and any(name in layer.speft_uncalibrated for layer in sparse_layers(tuner.model, name).values())}
+
+
+def adapt_peft_model() -> None:
+    """Two `PeftModel` methods made SPEFT-aware (idempotent; models without SPEFT adapters are unaffected):
+
+    - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
+      uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
+    - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
+      weights calibration will train.
+    """
+    if getattr(PeftModel.save_pretrained, "_speft_adapted", False):
         return
-    signature = inspect.signature(original)
+    save, show = PeftModel.save_pretrained, PeftModel.print_trainable_parameters
+    signature = inspect.signature(save)
 
-    @functools.wraps(original)
+    @functools.wraps(save)
     def save_pretrained(self, *args: Any, **kwargs: Any):
-        bound = signature.bind(self, *args, **kwargs)
-        check_saveable(self, bound.arguments.get("selected_adapters"))
-        return original(self, *args, **kwargs)
+        check_saveable(self, signature.bind(self, *args, **kwargs).arguments.get("selected_adapters"))
+        return save(self, *args, **kwargs)
 
-    save_pretrained._speft_checks_first = True
-    PeftModel.save_pretrained = save_pretrained
+    @functools.wraps(show)
+    def print_trainable_parameters(self) -> None:
+        show(self)
+        for name, budget in uncalibrated_budgets(self).items():
+            print(f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights once "
+                  "`hf_speft.calibrate` (or SpeftTrainer) runs")
+
+    save_pretrained._speft_adapted = True
+    PeftModel.save_pretrained, PeftModel.print_trainable_parameters = save_pretrained, print_trainable_parameters
 
 
 class SparseMasks:

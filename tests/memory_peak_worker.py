@@ -26,7 +26,7 @@ def main(method: str, checkpointing: bool) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), attn_implementation="sdpa")
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     elif method in ("speft", "speft+lora"):

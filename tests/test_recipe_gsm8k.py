@@ -207,7 +207,7 @@ def test_shipped_recipe_configs_parse_with_matched_budgets(path):
         assert method.match_lora_rank == model.lora_r and method.salience == "gradient"
         assert method.salience_batches * training.per_device_train_batch_size == 64 * 16
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 16
-    assert training.learning_rate == 2e-5 and training.bf16 and training.gradient_checkpointing
+    assert training.learning_rate == 2e-5 and training.bf16 and training.activation_checkpointing
 
 
 def without(args: list[str], *flags: str) -> list[str]:

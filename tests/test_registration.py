@@ -16,7 +16,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 
 import hf_speft
-from hf_speft import SparsePeftConfig, SparsePeftModel
+from hf_speft import SparsePeftConfig, SparsePeftModel, sparse_layers
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -107,8 +107,19 @@ def test_print_trainable_parameters(capsys):
     model = llama_peft()
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
-    assert f"trainable params: {trainable:,}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"trainable params: {trainable:,}" in out and "not calibrated" not in out
     assert 0 < trainable < total
+
+
+def test_print_trainable_parameters_before_calibration_shows_the_budget(capsys):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, match_lora_rank=2))  # gradient
+    model.print_trainable_parameters()
+    budget = 2 * sum(32 + layer.out_features for layer in sparse_layers(model).values())
+    out = capsys.readouterr().out
+    assert "trainable params: 0 " in out
+    assert f"SPEFT adapter 'default' is not calibrated yet: its mask will train {budget:,} weights" in out
 
 
 def test_push_to_hub_uploads_the_adapter_folder(monkeypatch):

@@ -42,7 +42,7 @@ def main(out_dir: str, model_dir: str, measure: str, dtype: str) -> None:
     args = TrainingArguments(out_dir, deepspeed=zero3_config(dtype), use_cpu=True, bf16=dtype == "bfloat16",
                              per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3, learning_rate=1e-2, logging_steps=1,
                              report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-                             lr_scheduler_type="constant", dataloader_drop_last=True, gradient_checkpointing=True)
+                             lr_scheduler_type="constant", dataloader_drop_last=True, activation_checkpointing=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
     model = get_peft_model(model, speft_config(measure))
@@ -59,7 +59,7 @@ def main(out_dir: str, model_dir: str, measure: str, dtype: str) -> None:
                 "masks": {name: layer.speft_indices["default"].clone() for name, layer in layers.items()},
                 "values_dtypes": {str(layer.speft_values["default"].dtype) for layer in layers.values()},
                 "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-                "checkpointing_kwargs": args.gradient_checkpointing_kwargs,
+                "checkpointing_kwargs": args.activation_checkpointing_kwargs,
                 "logits": logits}, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
