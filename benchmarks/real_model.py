@@ -105,7 +105,7 @@ def table(results: dict) -> str:
     lines = ["| method | trainable | strict before → after | flexible before → after | `####` format | "
              "loss first → last | s/step | peak memory | salience s |", "|---|---:|---|---|---:|---|---:|---:|---:|"]
     for method, result in results.items():
-        losses = result["train_losses"]
+        losses = result["train_losses"] or [float("nan")]
         lines.append(
             f"| {method} | {result['trainable_params']:,} | {result['before']['strict_match']:.3f} → "
             f"{result['after']['strict_match']:.3f} | {result['before']['flexible_extract']:.3f} → "

@@ -149,9 +149,10 @@ def _is_hub_id(name: Optional[str]) -> bool:
 
 
 def card_section(summary: AdapterSummary, repo_id: Optional[str] = None) -> str:
-    """The Markdown SPEFT section of the model card."""
+    """The Markdown SPEFT section of the model card (a local base path is never written into it)."""
     config = summary.config
-    base = config.get("base_model_name_or_path") or "the base model"
+    base = config.get("base_model_name_or_path")
+    base = f"`{base}`" if _is_hub_id(base) else "a local base model"
     budget = next((f"`{key}={config[key]}`" for key in ("density", "num_params", "match_lora_rank")
                    if config.get(key) is not None), "unknown")
     update = config.get("mask_update", "static")
@@ -161,7 +162,8 @@ def card_section(summary: AdapterSummary, repo_id: Optional[str] = None) -> str:
         CARD_START,
         "## SPEFT adapter",
         "",
-        f"A salience-aware sparse delta (SPEFT, trained with the `hf-speft` library) on `{base}`: θ = θ0 + θ_sp, with θ_sp nonzero only on the {summary.nnz:,} weights "
+        f"A salience-aware sparse delta (SPEFT, trained with the `hf-speft` library) on {base}: θ = θ0 + θ_sp, with "
+        f"θ_sp nonzero only on the {summary.nnz:,} weights "
         f"({100 * summary.density:.4f}% of the {summary.targeted:,} targeted ones) that the salience measure ranked "
         "highest.",
         "",
@@ -204,8 +206,14 @@ def update_model_card(path: str, repo_id: Optional[str] = None, training: Option
     if base_model:
         summary.config["base_model_name_or_path"] = base_model
     readme = os.path.join(path, "README.md")
-    card = ModelCard.load(readme) if os.path.exists(readme) else ModelCard.from_template(ModelCardData())
-    card.data.library_name = "peft"
+    card = ModelCard.load(readme) if os.path.exists(readme) else ModelCard("---\n---\n")
+    if _is_generated(card.text):  # peft's or trl's template: replaced by the facts this card can state
+        card.text = f"\n# {_title(path, repo_id, summary)}\n"
+    for key in ("license", "licence"):  # trl's template writes a literal "licence: license"
+        if str(getattr(card.data, key, "") or "").lower() in ("license", "licence", "[more information needed]"):
+            delattr(card.data, key) if key == "licence" else setattr(card.data, key, None)
+    if not _is_hub_id(getattr(card.data, "model_name", None)):
+        card.data.model_name = None  # trl writes the output folder here    card.data.library_name = "peft"
     base = summary.config.get("base_model_name_or_path")
     if _is_hub_id(base):
         card.data.base_model = base
@@ -221,6 +229,21 @@ def update_model_card(path: str, repo_id: Optional[str] = None, training: Option
         card.text = _replace_block(card.text, TRAINING_START, TRAINING_END, "\n".join(lines + [TRAINING_END]))
     card.save(readme)
     return card
+
+
+GENERATED_CARD_MARKERS = ("[More Information Needed]", "This model is a fine-tuned version of", "## Quick start")
+
+
+def _is_generated(text: str) -> bool:
+    """True for the text of peft's card template or of the Trainer's/trl's generated card, whose placeholders, local
+    paths and generic examples a SPEFT card replaces; a card written by hand is kept."""
+    return any(marker in text for marker in GENERATED_CARD_MARKERS)
+
+
+def _title(path: str, repo_id: Optional[str], summary: AdapterSummary) -> str:
+    name = repo_id or os.path.basename(os.path.normpath(path))
+    base = summary.config.get("base_model_name_or_path")
+    return f"{name}: a SPEFT adapter for {base}" if _is_hub_id(base) else f"{name}: a SPEFT adapter"
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,

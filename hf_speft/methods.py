@@ -129,19 +129,6 @@ def use_cpu_without_a_gpu(parser: Any) -> None:
         parser.set_defaults(use_cpu=True, bf16=False)
 
 
-def training_facts(args: Any, trainer: Any, max_length: Optional[int]) -> dict[str, Any]:
-    """What a results.json needs to compare runs: optimisation settings, steps done, batch sizes, precision, seed."""
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    world = trainer.accelerator.num_processes
-    return {"learning_rate": args.learning_rate, "lr_scheduler": str(args.lr_scheduler_type),
-            "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs,
-            "steps": trainer.state.global_step, "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world,
-            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-            "max_length": max_length, "precision": precision, "device": "cpu" if args.use_cpu else str(args.device),
-            "seed": args.seed}
-
-
 def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
     """Run `trainer.train()`, print the trainable count (budgets are visibly matched) and save the model (an
     adapter for the peft methods) to the output folder; returns (train seconds, trainable parameters)."""

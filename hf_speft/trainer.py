@@ -222,6 +222,22 @@ class SpeftCallback(TrainerCallback):
         self.updater.step(state.global_step, optimizer)
 
 
+def run_settings(trainer: Any, max_length: Optional[int] = None) -> dict[str, Any]:
+    """What a results file or model card needs to compare runs: optimisation settings, steps done, batch sizes,
+    precision, seed (of any `transformers.Trainer`)."""
+    args = trainer.args
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    world = trainer.accelerator.num_processes
+    return {"learning_rate": args.learning_rate, "lr_scheduler": str(getattr(args.lr_scheduler_type, "value",
+                                                                               args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs,
+            "steps": trainer.state.global_step, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world,
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+            "max_length": max_length, "precision": precision, "device": "cpu" if args.use_cpu else str(args.device),
+            "seed": args.seed}
+
+
 def _gradient_checkpointing_guards(model: nn.Module, args: Any) -> None:
     """The guards trl's SFTTrainer applies to PEFT models with gradient checkpointing: reentrant checkpointing under
     DeepSpeed ZeRO-3 (non-reentrant recomputation sees partitioned weights, transformers#47254) and inputs that
@@ -337,7 +353,8 @@ class SpeftTrainerMixin:
             update_model_card(self.args.output_dir, repo_id=self.hub_model_id, training=self._training_facts(kwargs))
 
     def _training_facts(self, card_kwargs: dict[str, Any]) -> dict[str, Any]:
-        facts: dict[str, Any] = {"optimizer steps": self.state.global_step}
+        settings = run_settings(self, getattr(self.args, "max_length", None))
+        facts: dict[str, Any] = {key.replace("_", " "): value for key, value in settings.items() if value is not None}
         dataset = card_kwargs.get("dataset") or card_kwargs.get("dataset_tags")
         if dataset:
             facts["data"] = dataset

@@ -28,10 +28,11 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 from trl import TrlParser
 
 import hf_speft
+from hf_speft.trainer import run_settings
 from hf_speft.data import read_jsonl
 from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset,
                               peak_memory_bytes, peft_config_for, run_recipe, salience_seconds, train_and_save,
-                              train_losses, training_facts, use_cpu_without_a_gpu, user_input_checks)
+                              train_losses, use_cpu_without_a_gpu, user_input_checks)
 
 # task -> (text columns, number of labels, metrics)
 TASKS = {
@@ -206,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "salience_seconds": salience_seconds(trainer), "peak_memory_bytes": peak_memory_bytes(),
                "train_losses": train_losses(trainer),
                "world_size": trainer.accelerator.num_processes,
-               "training": training_facts(training_args, trainer, args.max_length),
+               "training": run_settings(trainer, args.max_length),
                "config": {"script": asdict(args), "method": asdict(method)}}
     if "test" in evaluated:
         results.update(test_metrics=evaluate(evaluated["test"]), num_test=len(evaluated["test"]))

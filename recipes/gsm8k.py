@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 import hf_speft
+from hf_speft.trainer import run_settings
 from hf_speft.data import read_jsonl
 from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset,
                               peak_memory_bytes, peft_config_for, run_recipe, salience_seconds, train_and_save,
-                              train_losses, training_facts, use_cpu_without_a_gpu, user_input_checks)
+                              train_losses, use_cpu_without_a_gpu, user_input_checks)
 
 logger = logging.getLogger("gsm8k.py")
 
@@ -167,6 +168,20 @@ def kbit_device_map() -> Optional[dict]:
     return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
 
 
+def card_facts(args: ScriptArguments, results: dict) -> dict:
+    """The model card's training block: data, prompt format, settings and the GSM8K scores this run measured."""
+    facts = {"data": f"GSM8K ({args.dataset_name if not args.dataset_path else 'a local copy'}), "
+                     f"{results['num_train']} training problems",
+             "prompt format": "`" + PROMPT.replace("\n", "\\n") + "` followed by the answer (no chat template)",
+             **{key.replace("_", " "): value for key, value in results["training"].items() if value is not None}}
+    for when, key in (("before training", "metrics_before_training"), ("after training", "metrics")):
+        if key in results:
+            metrics = results[key]
+            facts[f"GSM8K test ({results['num_eval']} problems), {when}"] = (
+                f"strict-match {metrics['strict_match']:.3f}, flexible-extract {metrics['flexible_extract']:.3f}")
+    return facts
+
+
 def make_parser() -> TrlParser:
     parser = TrlParser((ScriptArguments, MethodArguments, SFTConfig, ModelConfig))
     use_cpu_without_a_gpu(parser)
@@ -227,13 +242,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "train_losses": train_losses(trainer),
             "peak_memory_bytes": peak_memory_bytes(),
             "world_size": trainer.accelerator.num_processes,
-            "training": training_facts(training_args, trainer, training_args.max_length),
+            "training": run_settings(trainer, training_args.max_length),
             "config": {"script": asdict(args), "method": asdict(method), "model": asdict(model_args)},
         }
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
         with open(os.path.join(training_args.output_dir, "predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in predictions(test_rows, outputs))
+        if method.method in SPEFT_METHODS:  # the adapter's card: how it was trained and what it scored
+            hf_speft.update_model_card(training_args.output_dir, training=card_facts(args, results))
         print(json.dumps(results["metrics"]), flush=True)
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name="gsm8k")

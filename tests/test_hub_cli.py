@@ -48,6 +48,25 @@ def test_saved_adapter_carries_a_speft_model_card(adapter_dir):
     assert card.text.count("## SPEFT adapter") == 1 and "- train_loss: 1.5" in card.text
 
 
+def test_saved_card_has_no_placeholders_or_local_paths(tmp_path):
+    """peft's template (39 "[More Information Needed]" lines) is replaced; a local base path is never written."""
+    torch.manual_seed(0)
+    base = tmp_path / "my-local-base"
+    base_model().save_pretrained(base)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), SparsePeftConfig(
+        target_modules=["q_proj"], salience="magnitude"))
+    assert model.peft_config["default"].base_model_name_or_path == str(base)
+    model.save_pretrained(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert "More Information Needed" not in card.text and str(base) not in str(card) and "None" not in card.text
+    assert "a local base model" in card.text and card.text.lstrip().startswith("# adapter: a SPEFT adapter")
+    assert "licence" not in card.data.to_dict() and card.data.base_model is None
+
+    (tmp_path / "adapter" / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nWritten by hand.\n")
+    card = update_model_card(str(tmp_path / "adapter"))
+    assert "Written by hand." in card.text and "## SPEFT adapter" in card.text and card.data.license == "mit"
+
+
 def test_push_to_hub_publishes_adapter_and_card(monkeypatch, tmp_path):
     """Everything up to the network call is real; only the Hub API calls are replaced."""
     import huggingface_hub
@@ -84,7 +103,10 @@ def test_trainer_model_card_has_training_facts(tmp_path):
     trainer.create_model_card(dataset="counting")
     card = ModelCard.load(tmp_path / "README.md")
     assert "## SPEFT adapter" in card.text
-    assert "- optimizer steps: 2" in card.text and "- data: counting" in card.text and "train_loss" in card.text
+    assert "- steps: 2" in card.text and "- data: counting" in card.text and "train_loss" in card.text
+    assert "- learning rate: 0.05" in card.text and "- precision: fp32" in card.text and "- seed: 0" in card.text
+    # trl's/transformers' generated text (placeholders, "fine-tuned version of [None]", a chat example) is replaced
+    assert "More Information Needed" not in card.text and "[None]" not in card.text and "Quick start" not in card.text
 
 
 def test_inspect_text_and_json(adapter_dir, capsys):

@@ -275,3 +275,7 @@ def test_results_record_training_facts_predictions_and_the_score_before_training
     strict = sum(record["strict_correct"] for record in records) / len(records)
     assert strict == saved["metrics"]["strict_match"]
     assert gsm8k.fixed_subset(list(range(8)), 5) == gsm8k.fixed_subset(list(range(8)), 5) != list(range(5))
+    card = (tmp_path / "out" / "README.md").read_text()  # the real prompt format, the settings and the scores
+    assert "More Information Needed" not in card and str(tiny_model_dir) not in card
+    assert "`Question: {question}\\nAnswer:`" in card and "- learning rate: 0.01" in card
+    assert f"strict-match {saved['metrics']['strict_match']:.3f}" in card and "before training" in card

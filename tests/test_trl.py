@@ -72,6 +72,11 @@ def test_sft_trainer_takes_a_model_path_and_peft_config_like_trl(tmp_path):
     trainer.train()
     layers = sparse_layers(trainer.model)
     assert layers and all(layer.speft_values["default"].numel() > 0 for layer in layers.values())
+    trainer.save_model()
+    trainer.create_model_card()  # trl's card (chat example, "fine-tuned version of <local path>") becomes ours
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## SPEFT adapter" in card and str(tmp_path) not in card and "fine-tuned version of" not in card
+    assert "licence" not in card and "- steps: 3" in card
 
 
 def test_speft_trainer_takes_a_plain_model_or_path_and_peft_config(tmp_path):
