@@ -274,3 +274,23 @@ def test_grouped_dynamic_update_equals_one_pass():
     assert results[0][0] == results[1][0] > 0
     for name, indices in results[0][1].items():
         assert torch.equal(results[1][1][name], indices)
+
+
+def test_zero3_checkpointing_guard_sets_transformers_current_argument():
+    """Under ZeRO-3 the trainer forces reentrant checkpointing; it must write `activation_checkpointing_kwargs`
+    (what transformers reads), not only the deprecated `gradient_checkpointing_kwargs` alias."""
+    import warnings
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hf_speft.trainer import _gradient_checkpointing_guards
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current names raise no deprecation warning
+        args = TrainingArguments("out", activation_checkpointing=True,
+                                 activation_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True)
+    object.__setattr__(args, "deepspeed_plugin", SimpleNamespace(zero_stage=3))
+    model = speft_model()
+    _gradient_checkpointing_guards(model, args)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": True}
