@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-latest lock install benchmark clean
+.PHONY: demo test test-latest lock install benchmark gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-latest:
 lock:
 	{ sed -n '1,2p' constraints.txt; $(LATEST)/bin/pip freeze --exclude-editable | grep -v '^hf.speft' \
 		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# On a GPU machine: CUDA correctness, kernel speed at Llama-3-8B shapes, the 8B memory plan (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/memory_speed.py

@@ -1,0 +1,275 @@
+"""One-command GPU check: the library's correctness on CUDA, its kernels at Llama-3-8B shapes against LoRA, and the
+8B memory plan measured against `estimate_memory`. Writes benchmarks/results/gpu_check.json and prints a table.
+
+    python benchmarks/gpu_check.py          # on a GPU machine (make gpu-check); finishes in a few minutes on an H100
+    python benchmarks/gpu_check.py --tiny   # the same code on the CPU with tiny shapes, in seconds (make test runs it)
+
+Sections (each one's failure is recorded and the others still run; the exit code is 1 if any failed):
+1. `tests`: `pytest -m cuda tests/test_cuda.py` (forward/gradients against a dense reference in fp32/bf16/fp16, exact
+   merge/unmerge, fold mode, save on CUDA and load on the CPU, salience on CUDA equal to the CPU's, quantized bases).
+   `--tiny` runs the CPU half of the same file.
+2. `kernel_dtypes`: which torch sparse kernels (CSR `sparse.mm`, `sparse.sampled_addmm`) accept fp32/bf16/fp16 on
+   the device, and their error against a dense product.
+3. `kernels`: one decoder layer's projections (4096×4096, 1024×4096, 14336×4096, 4096×14336), 4,096 tokens,
+   forward+backward of the frozen base alone, with LoRA r=16 and with SPEFT at LoRA r=16's budget (random mask):
+   device-event timing after warm-up, median of `--repeats`.
+4. `plan_8b`: Llama-3-8B (recipes/configs/models/llama3_8b, random bf16 weights), gradient checkpointing, sequence
+   1,024, batch 1: a few AdamW steps of SPEFT (`match_lora_rank=16`, all linear layers, gradient salience on random
+   tokens) and of LoRA r=16; step times, `torch.cuda.max_memory_allocated` and `estimate_memory`'s prediction.
+   With bitsandbytes importable, SPEFT on an 8-bit base too (goal: at most 24 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_8B = ROOT / "recipes" / "configs" / "models" / "llama3_8b" / "config.json"
+FULL = {"shapes": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)], "tokens": 4096, "rank": 16,
+        "seq_len": 1024, "steps": 4, "repeats": 20}
+TINY = {"shapes": [(64, 64), (16, 64), (224, 64), (64, 224)], "tokens": 128, "rank": 4, "seq_len": 32, "steps": 2,
+        "repeats": 3, "config": dict(vocab_size=256, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def section_tests(tiny: bool) -> dict:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
+               "-m", "not cuda" if tiny else "cuda"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-500:]
+    counts = {word: int(number) for number, word in
+              (part.split()[:2] for part in summary.strip("= ").split(" in ")[0].split(", ") if part[0].isdigit())}
+    if result.returncode != 0:
+        raise RuntimeError(f"pytest failed: {summary}\n{result.stdout[-3000:]}")
+    return {"summary": summary, **counts}
+
+
+def section_kernel_dtypes(device: torch.device) -> dict:
+    """Which sparse kernels run natively in each dtype here, and how far from the dense product."""
+    generator = torch.Generator().manual_seed(0)
+    dense = (torch.rand(64, 96, generator=generator) < 0.05) * torch.randn(64, 96, generator=generator)
+    right = torch.randn(96, 32, generator=generator)
+    left, x = torch.randn(64, 32, generator=generator), torch.randn(32, 96, generator=generator)
+    results = {}
+    for name, dtype in DTYPES.items():
+        csr = dense.to(device=device, dtype=dtype).to_sparse_csr()
+        entry = {}
+        for kernel, run, reference in (
+            ("sparse.mm", lambda: torch.sparse.mm(csr, right.to(device, dtype)), dense @ right),
+            ("sampled_addmm", lambda: torch.sparse.sampled_addmm(csr, left.to(device, dtype), x.to(device, dtype),
+                                                                 beta=0.0).to_dense(),
+             (left @ x) * (dense != 0)),
+        ):
+            try:
+                error = (run().float().cpu() - reference).abs().max().item() / reference.abs().max().item()
+                entry[kernel] = {"supported": True, "relative_error": error}
+            except RuntimeError as failure:
+                entry[kernel] = {"supported": False, "error": str(failure).splitlines()[0][:200]}
+        results[name] = entry
+    return results
+
+
+def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) -> dict:
+    """Forward+backward of one projection: the frozen base alone, + LoRA r, + SPEFT at LoRA r's budget."""
+    from hf_speft.ops import SparsePattern, sparse_delta
+
+    rank, tokens, rows = settings["rank"], settings["tokens"], []
+    for out_features, in_features in settings["shapes"]:
+        weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * in_features ** -0.5
+        x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+        lora_a = torch.zeros(rank, in_features, device=device, dtype=dtype, requires_grad=True)
+        lora_b = torch.zeros(out_features, rank, device=device, dtype=dtype, requires_grad=True)
+        nnz = rank * (out_features + in_features)
+        indices = torch.randperm(out_features * in_features, device=device)[:nnz].sort().values
+        pattern = SparsePattern(indices, out_features, in_features)
+        values = torch.zeros(nnz, device=device, dtype=torch.float32, requires_grad=True)
+
+        def base() -> None:
+            torch.nn.functional.linear(x, weight).sum().backward()
+
+        def lora() -> None:
+            out = torch.nn.functional.linear(x, weight) + (x @ lora_a.t()) @ lora_b.t()
+            out.sum().backward()
+
+        def speft() -> None:
+            sparse_delta(torch.nn.functional.linear(x, weight), x, values, pattern).sum().backward()
+
+        row = {"shape": [out_features, in_features], "tokens": tokens, "nnz": nnz}
+        for name, fn in (("base", base), ("lora", lora), ("speft", speft)):
+            row[f"{name}_s"] = timed(fn, device, settings["repeats"])
+        row["speft/lora"] = row["speft_s"] / row["lora_s"]
+        row["speft_extra/lora_extra"] = (row["speft_s"] - row["base_s"]) / max(row["lora_s"] - row["base_s"], 1e-9)
+        rows.append(row)
+    return {"dtype": str(dtype).removeprefix("torch."), "rows": rows}
+
+
+def _llama(settings: dict, device: torch.device, dtype: torch.dtype, tiny: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**settings["config"]) if tiny else LlamaConfig.from_json_file(LLAMA3_8B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model, config
+
+
+def _train_steps(model, device: torch.device, settings: dict, vocab: int) -> dict:
+    from hf_speft import MaskUpdater
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": (ids := torch.randint(0, vocab, (1, settings["seq_len"]), generator=generator)
+                              .to(device)), "labels": ids} for _ in range(2)]
+    result = {}
+    if any("speft_" in name for name, _ in model.named_parameters()):
+        updater = MaskUpdater(model, batches, show_progress=False)
+        start = time.perf_counter()
+        updater.calibrate()
+        result["salience_s"] = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times = []
+    for step in range(settings["steps"]):
+        start = time.perf_counter()
+        model(**batches[step % 2]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result["step_s"] = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return result
+
+
+def section_plan(device: torch.device, settings: dict, tiny: bool) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from hf_speft import SparsePeftConfig, estimate_memory
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    results = {}
+    methods = {"lora": lambda: LoraConfig(r=settings["rank"], target_modules="all-linear"),
+               "speft": lambda: SparsePeftConfig(target_modules="all-linear", match_lora_rank=settings["rank"],
+                                                 salience="gradient", salience_batches=2)}
+    for method, config in methods.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model, model_config = _llama(settings, device, dtype, tiny)
+        model = get_peft_model(model, config())
+        entry = _train_steps(model, device, settings, model_config.vocab_size)
+        estimate = estimate_memory(model_config, method, lora_r=settings["rank"], seq_len=settings["seq_len"],
+                                   batch_size=1, dtype=str(dtype).removeprefix("torch."))
+        entry["estimated_bytes"] = estimate.total_bytes
+        if device.type == "cuda":
+            entry["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+            entry["estimate/measured"] = entry["estimated_bytes"] / entry["max_memory_allocated"]
+        results[method] = entry
+        del model
+    results["speft/lora_step"] = results["speft"]["step_s"] / results["lora"]["step_s"]
+    return results
+
+
+def run(tiny: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    settings = TINY if tiny else FULL
+    kernel_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "mode": "tiny" if tiny else "full",
+                    "date": time.strftime("%Y-%m-%d"), "sections": {}}
+    for name, fn in (("tests", lambda: section_tests(tiny)),
+                     ("kernel_dtypes", lambda: section_kernel_dtypes(device)),
+                     ("kernels", lambda: section_kernels(device, settings, kernel_dtype)),
+                     ("plan_8b", lambda: section_plan(device, settings, tiny))):
+        start = time.perf_counter()
+        try:
+            report["sections"][name] = {"ok": True, **fn()}
+        except Exception as error:  # noqa: BLE001 - recorded, the other sections still run
+            report["sections"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                                        "traceback": traceback.format_exc()[-4000:]}
+        report["sections"][name]["seconds"] = time.perf_counter() - start
+        print(f"{name}: {'ok' if report['sections'][name]['ok'] else 'FAILED'} "
+              f"({report['sections'][name]['seconds']:.1f}s)", flush=True)
+    return report
+
+
+def table(report: dict) -> str:
+    """The Markdown rows the README shows: one per measurement."""
+    sections = report["sections"]
+    lines = [f"GPU check on {report['device']} ({report['mode']}, torch {report['torch']}, {report['date']})", "",
+             "| measurement | result |", "|---|---|"]
+    tests = sections.get("tests", {})
+    lines.append(f"| CUDA correctness tests | {tests.get('summary', tests.get('error', '—'))} |")
+    for dtype, kernels in sections.get("kernel_dtypes", {}).items():
+        if isinstance(kernels, dict):
+            support = ", ".join(f"{k} {'yes' if v.get('supported') else 'no'}" for k, v in kernels.items())
+            lines.append(f"| sparse kernels in {dtype} | {support} |")
+    for row in sections.get("kernels", {}).get("rows", []):
+        lines.append(f"| {row['shape'][0]}×{row['shape'][1]}, {row['tokens']} tokens: fwd+bwd base / LoRA / SPEFT | "
+                     f"{row['base_s'] * 1e3:.2f} / {row['lora_s'] * 1e3:.2f} / {row['speft_s'] * 1e3:.2f} ms "
+                     f"(SPEFT {row['speft/lora']:.2f}× LoRA) |")
+    plan = sections.get("plan_8b", {})
+    for method in ("lora", "speft"):
+        entry = plan.get(method)
+        if entry:
+            memory = entry.get("max_memory_allocated")
+            measured = f"{memory / 2**30:.1f} GiB measured, " if memory else ""
+            lines.append(f"| 8B plan, {method}: step, memory | {entry['step_s']:.2f} s/step, {measured}"
+                         f"{entry['estimated_bytes'] / 2**30:.1f} GiB estimated |")
+    if "speft/lora_step" in plan:
+        lines.append(f"| 8B plan: SPEFT step ÷ LoRA step | {plan['speft/lora_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="run the same code on the CPU with tiny shapes")
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/gpu_check.json; "
+                                                       "--tiny: gpu_check_tiny.json in the current folder)")
+    args = parser.parse_args()
+    report = run(args.tiny)
+    output = Path(args.output or (Path("gpu_check_tiny.json") if args.tiny
+                                  else ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    output.write_text(json.dumps(report, indent=2, default=lambda value: None if isinstance(value, float)
+                                 and math.isnan(value) else str(value)) + "\n")
+    print(table(report))
+    sys.exit(0 if all(section["ok"] for section in report["sections"].values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
