@@ -202,7 +202,43 @@ def section_plan(device: torch.device, settings: dict, tiny: bool) -> dict:
         results[method] = entry
         del model
     results["speft/lora_step"] = results["speft"]["step_s"] / results["lora"]["step_s"]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        results["speft_8bit"] = {"skipped": "bitsandbytes is not importable here"}
+        return results
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, model_config = _llama(settings, device, dtype, tiny)
+    model = get_peft_model(_linear_layers_in_8bit(model, device), methods["speft"]())
+    entry = _train_steps(model, device, settings, model_config.vocab_size)
+    entry["estimated_bytes"] = estimate_memory(model_config, "speft", lora_r=settings["rank"], load_in_8bit=True,
+                                               seq_len=settings["seq_len"], batch_size=1,
+                                               dtype=str(dtype).removeprefix("torch.")).total_bytes
+    if device.type == "cuda":
+        entry["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        entry["goal_24GB_met"] = entry["max_memory_allocated"] <= 24 * 10**9
+    results["speft_8bit"] = entry
     return results
+
+
+def _linear_layers_in_8bit(model, device: torch.device):
+    """The decoder layers' linear layers as bitsandbytes `Linear8bitLt` (as `load_in_8bit` makes them; the output head
+    stays), quantized one at a time on the way to `device`."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                                has_fp16_weights=False)
+                quantized.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu", torch.float16),
+                                                     requires_grad=False, has_fp16_weights=False)
+                setattr(parent, name, quantized.to(device))
+    return model
 
 
 def run(tiny: bool) -> dict:
@@ -253,6 +289,14 @@ def table(report: dict) -> str:
                          f"{entry['estimated_bytes'] / 2**30:.1f} GiB estimated |")
     if "speft/lora_step" in plan:
         lines.append(f"| 8B plan: SPEFT step ÷ LoRA step | {plan['speft/lora_step']:.2f} |")
+    eight_bit = plan.get("speft_8bit", {})
+    if "step_s" in eight_bit:
+        memory = eight_bit.get("max_memory_allocated")
+        lines.append(f"| 8B plan, SPEFT on an 8-bit base | {eight_bit['step_s']:.2f} s/step"
+                     + (f", {memory / 2**30:.1f} GiB measured (goal ≤ 24 GB: "
+                        f"{'met' if eight_bit['goal_24GB_met'] else 'missed'})" if memory else "") + " |")
+    elif eight_bit:
+        lines.append(f"| 8B plan, SPEFT on an 8-bit base | {eight_bit.get('skipped')} |")
     return "\n".join(lines)
 
 

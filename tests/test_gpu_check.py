@@ -28,4 +28,5 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     plan = sections["plan_8b"]
     assert plan["speft"]["trainable_params"] == plan["lora"]["trainable_params"] > 0
     assert plan["speft"]["salience_s"] > 0 and plan["speft"]["estimated_bytes"] > 0
+    assert plan["speft_8bit"]["trainable_params"] == plan["speft"]["trainable_params"]  # bitsandbytes is installed
     assert "| CUDA correctness tests | 12 passed" in result.stdout
