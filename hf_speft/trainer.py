@@ -242,11 +242,13 @@ def _gradient_checkpointing_guards(model: nn.Module, args: Any) -> None:
     """The guards trl's SFTTrainer applies to PEFT models with gradient checkpointing: reentrant checkpointing under
     DeepSpeed ZeRO-3 (non-reentrant recomputation sees partitioned weights, transformers#47254) and inputs that
     require grad, without which checkpointed blocks of a frozen base pass no gradient to the adapter."""
-    if not args.activation_checkpointing:  # transformers' name (`gradient_checkpointing` is its deprecated alias)
+    # `activation_checkpointing*` is transformers' current name; `gradient_checkpointing*` its deprecated alias (the
+    # only name before 5.24), which mirrors it.
+    if not getattr(args, "activation_checkpointing", args.gradient_checkpointing):
         return
     plugin = getattr(args, "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
-        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        kwargs = dict(getattr(args, "activation_checkpointing_kwargs", args.gradient_checkpointing_kwargs) or {})
         if kwargs.get("use_reentrant") is False:
             logger.warning("SPEFT with DeepSpeed ZeRO-3 needs reentrant gradient checkpointing; use_reentrant=False "
                            "is overridden to True.")
