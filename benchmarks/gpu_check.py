@@ -143,7 +143,7 @@ def _llama(settings: dict, device: torch.device, dtype: torch.dtype, tiny: bool)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the GPU machine's may be older
+    if hasattr(model, "activation_checkpointing_enable"):  # the GPU machine's transformers may predate the new name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -242,8 +242,8 @@ def _gradient_checkpointing_guards(model: nn.Module, args: Any) -> None:
     """The guards trl's SFTTrainer applies to PEFT models with gradient checkpointing: reentrant checkpointing under
     DeepSpeed ZeRO-3 (non-reentrant recomputation sees partitioned weights, transformers#47254) and inputs that
     require grad, without which checkpointed blocks of a frozen base pass no gradient to the adapter."""
-    # `activation_checkpointing*` is transformers' current name; `gradient_checkpointing*` its deprecated alias (the
-    # only name before 5.24), which mirrors it.
+    # `activation_checkpointing*` is transformers' current name; `gradient_checkpointing*` its deprecated alias, which
+    # mirrors it (and is the only name in older releases).
     if not getattr(args, "activation_checkpointing", args.gradient_checkpointing):
         return
     plugin = getattr(args, "deepspeed_plugin", None)
