@@ -213,7 +213,8 @@ def update_model_card(path: str, repo_id: Optional[str] = None, training: Option
         if str(getattr(card.data, key, "") or "").lower() in ("license", "licence", "[more information needed]"):
             delattr(card.data, key) if key == "licence" else setattr(card.data, key, None)
     if not _is_hub_id(getattr(card.data, "model_name", None)):
-        card.data.model_name = None  # trl writes the output folder here    card.data.library_name = "peft"
+        card.data.model_name = None  # trl writes the output folder here
+    card.data.library_name = "peft"
     base = summary.config.get("base_model_name_or_path")
     if _is_hub_id(base):
         card.data.base_model = base

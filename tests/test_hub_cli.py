@@ -62,9 +62,14 @@ def test_saved_card_has_no_placeholders_or_local_paths(tmp_path):
     assert "a local base model" in card.text and card.text.lstrip().startswith("# adapter: a SPEFT adapter")
     assert "licence" not in card.data.to_dict() and card.data.base_model is None
 
+    (tmp_path / "adapter" / "README.md").unlink()  # a folder without a card gets a fresh one
+    card = update_model_card(str(tmp_path / "adapter"))
+    assert card.data.library_name == "peft" and "## SPEFT adapter" in card.text
+
     (tmp_path / "adapter" / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nWritten by hand.\n")
     card = update_model_card(str(tmp_path / "adapter"))
     assert "Written by hand." in card.text and "## SPEFT adapter" in card.text and card.data.license == "mit"
+    assert card.data.library_name == "peft"
 
 
 def test_push_to_hub_publishes_adapter_and_card(monkeypatch, tmp_path):
