@@ -10,7 +10,9 @@ the model card all read through it, so a damaged file is refused the same way ev
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,31 +44,35 @@ class ModuleDelta:
         return torch.cat([self.indices, self.residual[0]]), torch.cat([self.values.float(), self.residual[1].float()])
 
 
+@contextlib.contextmanager
+def _naming(file: str) -> Iterator[None]:
+    """Turn safetensors' bare errors (e.g. "incomplete metadata") into a `CorruptAdapterError` naming `file`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as error:
+        raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file (or of the `adapter_model.safetensors` in a folder); a file that safetensors
     cannot read raises `CorruptAdapterError` naming it."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = os.path.join(path, ADAPTER_WEIGHTS) if os.path.isdir(path) else path
-    try:
+    with _naming(file):
         return load_file(file)
-    except (SafetensorError, OSError) as error:
-        raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
 
 
 def check_readable(path: str) -> None:
     """Open a local adapter folder's weights file far enough to check its header (cheap), naming it if damaged."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     file = os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.isfile(file):
-        return
-    try:
-        with safe_open(file, framework="pt") as tensors:
+    if os.path.isfile(file):
+        with _naming(file), safe_open(file, framework="pt") as tensors:
             tensors.keys()
-    except (SafetensorError, OSError) as error:
-        raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
 
 
 def validated_module(name: str, shape: tuple[int, int], entries: dict[str, torch.Tensor]) -> ModuleDelta:

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from .data import read_jsonl
-from .checkpoint import ADAPTER_WEIGHTS
-from .hub import AdapterFolderError, human_bytes, summarize_adapter
+from .hub import AdapterFolderError, human_bytes, read_adapter_folder, summarize_adapter
 from .memory import METHODS as MEMORY_METHODS
 
 logger = logging.getLogger(__name__)
@@ -76,16 +75,13 @@ def _shards(checkpoint: str) -> list[str]:
 
 
 def _adapter_deltas(adapter_dir: str) -> dict[str, Any]:
-    """module name -> validated `checkpoint.ModuleDelta` of the adapter's file."""
-    from .checkpoint import file_deltas, read_weights
-
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    tensors = read_weights(path)
-    other = sorted(key for key in tensors if ".speft_" not in key)
+    """module name -> validated `checkpoint.ModuleDelta` of a folder whose tensors are all SPEFT tensors."""
+    folder = read_adapter_folder(adapter_dir)
+    other = sorted(key for key in folder.tensors if ".speft_" not in key)
     if other:
         raise CliError(f"The adapter also holds non-SPEFT tensors ({other[:3]}, e.g. modules_to_save); merge it in "
                        "Python with PeftModel.from_pretrained(...).merge_and_unload().")
-    return file_deltas(tensors, path)
+    return folder.deltas
 
 
 @contextlib.contextmanager
@@ -113,7 +109,6 @@ def merge_command(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    summarize_adapter(args.adapter_dir)  # validates the folder
     deltas = _adapter_deltas(args.adapter_dir)
     checkpoint = _base_checkpoint(args.base)
     shards = _shards(checkpoint)
@@ -267,9 +262,8 @@ def plot_command(args: argparse.Namespace) -> None:
         raise CliError("plot needs matplotlib: pip install 'hf-speft[plot]'.") from None
     import numpy as np
 
-    from .checkpoint import read_weights
-
-    summary = summarize_adapter(args.adapter_dir)
+    folder = read_adapter_folder(args.adapter_dir)
+    summary = summarize_adapter(args.adapter_dir, folder)
     layers: dict[int, dict[str, float]] = {}
     kinds: list[str] = []
     for module in summary.modules:
@@ -284,8 +278,7 @@ def plot_command(args: argparse.Namespace) -> None:
     for row, layer in enumerate(order):
         for column, kind in enumerate(kinds):
             grid[row, column] = layers[layer].get(kind, np.nan)
-    tensors = read_weights(args.adapter_dir)
-    values = np.concatenate([t.float().abs().numpy() for k, t in tensors.items() if k.endswith(".speft_values")])
+    values = np.concatenate([t.float().abs().numpy() for k, t in folder.tensors.items() if k.endswith(".speft_values")])
 
     figure, (heat, hist) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(order) + 2)))
     image = heat.imshow(grid, aspect="auto", cmap="viridis")

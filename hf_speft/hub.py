@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CorruptAdapterError, file_deltas, read_weights
+from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CorruptAdapterError, ModuleDelta, file_deltas,
+                         read_weights)
 
 CARD_START, CARD_END = "<!-- hf-speft card start -->", "<!-- hf-speft card end -->"
 TRAINING_START, TRAINING_END = "<!-- hf-speft training start -->", "<!-- hf-speft training end -->"
@@ -94,9 +95,23 @@ class AdapterSummary:
         return data
 
 
-def summarize_adapter(path: str) -> AdapterSummary:
-    """Read an adapter folder (adapter_config.json + adapter_model.safetensors) into an `AdapterSummary`; its tensors
-    are validated as loading validates them (`hf_speft.checkpoint`)."""
+@dataclass
+class AdapterFolder:
+    """A saved adapter folder, read once and validated: its config, its tensors and each module's delta."""
+
+    path: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    deltas: dict[str, ModuleDelta]
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.path, ADAPTER_WEIGHTS)
+
+
+def read_adapter_folder(path: str) -> AdapterFolder:
+    """Read an adapter folder (adapter_config.json + adapter_model.safetensors); its tensors are validated as loading
+    validates them (`hf_speft.checkpoint`). Anything unreadable raises `AdapterFolderError` naming it."""
     config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
@@ -110,17 +125,22 @@ def summarize_adapter(path: str) -> AdapterSummary:
         raise AdapterFolderError(f"{path!r} holds a {config.get('peft_type')!r} adapter, not a SPEFT one.")
     try:
         tensors = read_weights(weights_path)
-        deltas = file_deltas(tensors, weights_path)
+        return AdapterFolder(path, config, tensors, file_deltas(tensors, weights_path))
     except CorruptAdapterError as error:
         raise AdapterFolderError(f"Cannot read the adapter in {path!r}: {error}") from None
+
+
+def summarize_adapter(path: str, folder: Optional[AdapterFolder] = None) -> AdapterSummary:
+    """The `AdapterSummary` of an adapter folder (read with `read_adapter_folder` unless `folder` is given)."""
+    folder = folder or read_adapter_folder(path)
     dtypes = {key.rsplit(".", 1)[1]: _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
-              for key, tensor in tensors.items() if ".speft_" in key}
+              for key, tensor in folder.tensors.items() if ".speft_" in key}
     modules = [ModuleSummary(name, delta.shape, delta.indices.numel(),
                              0 if delta.residual is None else delta.residual[0].numel())
-               for name, delta in deltas.items()]
+               for name, delta in folder.deltas.items()]
     values_dtype = dtypes.get("speft_values", "F32")
-    return AdapterSummary(path=path, config=config, modules=sorted(modules, key=lambda m: _natural(m.name)),
-                          dtypes=dtypes, file_bytes=os.path.getsize(weights_path),
+    return AdapterSummary(path=path, config=folder.config, modules=sorted(modules, key=lambda m: _natural(m.name)),
+                          dtypes=dtypes, file_bytes=os.path.getsize(folder.weights_path),
                           values_bytes_per_entry=_DTYPE_BYTES.get(values_dtype, 4))
 
 
