@@ -111,16 +111,21 @@ def flexible_answer(output: str) -> Optional[str]:
     return next(group for group in matches[-1] if group)
 
 
+def judged(output: str, answer: str) -> dict:
+    """One generated `output` against its GSM8K `answer`: the normalised gold number, both extractions, and whether
+    each matches (lm-eval-harness's normalisation)."""
+    gold = normalize(answer)
+    strict, flexible = strict_answer(output), flexible_answer(output)
+    return {"gold": gold, "strict": strict, "flexible": flexible,
+            "strict_correct": strict is not None and normalize(strict) == gold,
+            "flexible_correct": flexible is not None and normalize(flexible) == gold}
+
+
 def score(outputs: list[str], answers: list[str]) -> dict[str, float]:
     """strict-match and flexible-extract accuracy of generated `outputs` against GSM8K `answers`, and their mean."""
-    gold = [normalize(answer) for answer in answers]
-
-    def accuracy(extract) -> float:
-        hits = [(found := extract(output)) is not None and normalize(found) == target
-                for output, target in zip(outputs, gold)]
-        return sum(hits) / len(hits)
-
-    strict, flexible = accuracy(strict_answer), accuracy(flexible_answer)
+    records = [judged(output, answer) for output, answer in zip(outputs, answers)]
+    strict = sum(record["strict_correct"] for record in records) / len(records)
+    flexible = sum(record["flexible_correct"] for record in records) / len(records)
     return {"strict_match": strict, "flexible_extract": flexible, "average": (strict + flexible) / 2}
 
 
@@ -150,15 +155,9 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, ba
 
 
 def predictions(rows: list[dict], outputs: list[str]) -> list[dict]:
-    """One record per test problem: question, gold answer, generated output and both extractions, scored."""
-    records = []
-    for row, output in zip(rows, outputs):
-        gold = normalize(row["answer"])
-        strict, flexible = strict_answer(output), flexible_answer(output)
-        records.append({"question": row["question"], "gold": gold, "output": output, "strict": strict,
-                        "flexible": flexible, "strict_correct": strict is not None and normalize(strict) == gold,
-                        "flexible_correct": flexible is not None and normalize(flexible) == gold})
-    return records
+    """One record per test problem: question, generated output, and how it was judged (`judged`)."""
+    return [{"question": row["question"], "output": output, **judged(output, row["answer"])}
+            for row, output in zip(rows, outputs)]
 
 
 def kbit_device_map() -> Optional[dict]:
