@@ -9,14 +9,23 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registry import SPEFT_PEFT_TYPE
-from .salience.registry import available_measures
+from .measures import available_measures, measure_info
 
 MASK_SCOPES = ("global", "local")
 SALIENCE_DTYPES = ("float32", "bfloat16")
 MASK_UPDATES = ("static", "dynamic")
-LAYER_COUPLED_MEASURES = ("grasp", "force")  # their scores depend on all targeted layers at once
 OPTIMIZER_RESETS = ("new", "all")
 DEFAULT_LORA_RANK = 8  # the budget when none is given: as many weights as peft's default LoRA (r=8) trains
+
+
+def check_positive_int(name: str, value: object, meaning: str = "", allow_none: bool = False) -> None:
+    """A one-line ValueError unless `value` is a positive int (bools are not counts), or None where allowed."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        unit = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer{unit}"
+                         f"{' or None' if allow_none else ''}.")
 
 
 @dataclass
@@ -153,31 +162,20 @@ class SparsePeftConfig(PeftConfig):
                 "(custom measures must be registered with hf_speft.register_salience before the config is built "
                 "or loaded)."
             )
-        if not isinstance(self.salience_batches, int) or self.salience_batches < 1:
-            raise ValueError(f"salience_batches={self.salience_batches!r} must be a positive integer.")
+        check_positive_int("salience_batches", self.salience_batches)
         if self.salience_dtype not in SALIENCE_DTYPES:
             raise ValueError(f"salience_dtype={self.salience_dtype!r} is not allowed; use one of {SALIENCE_DTYPES}.")
-        if not isinstance(self.salience_groups, int) or isinstance(self.salience_groups, bool) or (
-            self.salience_groups < 1
-        ):
-            raise ValueError(f"salience_groups={self.salience_groups!r} must be a positive integer.")
-        if self.salience_micro_batch_size is not None and (
-            not isinstance(self.salience_micro_batch_size, int) or isinstance(self.salience_micro_batch_size, bool)
-            or self.salience_micro_batch_size < 1
-        ):
-            raise ValueError(f"salience_micro_batch_size={self.salience_micro_batch_size!r} must be a positive "
-                             "integer (rows per micro-batch) or None (whole batches).")
-        if self.salience_groups > 1 and self.salience in LAYER_COUPLED_MEASURES:
+        check_positive_int("salience_groups", self.salience_groups)
+        check_positive_int("salience_micro_batch_size", self.salience_micro_batch_size, "rows per micro-batch",
+                           allow_none=True)
+        if self.salience_groups > 1 and measure_info(self.salience).couples_layers:
             raise ValueError(
                 f"salience={self.salience!r} scores all layers together, so salience_groups must be 1 (got "
                 f"{self.salience_groups}); measures that score each layer alone can be grouped."
             )
         if self.mask_update not in MASK_UPDATES:
             raise ValueError(f"mask_update={self.mask_update!r} is not allowed; use one of {MASK_UPDATES}.")
-        if not isinstance(self.update_interval, int) or isinstance(self.update_interval, bool) or (
-            self.update_interval < 1
-        ):
-            raise ValueError(f"update_interval={self.update_interval!r} must be a positive integer (optimizer steps).")
+        check_positive_int("update_interval", self.update_interval, "optimizer steps")
         if self.reset_optimizer not in OPTIMIZER_RESETS:
             raise ValueError(f"reset_optimizer={self.reset_optimizer!r} is not allowed; use one of {OPTIMIZER_RESETS}.")
         if not isinstance(self.seed, int):
@@ -231,9 +229,7 @@ class SparsePeftConfig(PeftConfig):
         ):
             raise ValueError(f"density={self.density!r} is not allowed; it must satisfy 0 < density <= 1.")
         for name in ("num_params", "match_lora_rank"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer.")
+            check_positive_int(name, getattr(self, name), allow_none=True)
 
     def _validate_low_rank(self) -> None:
         if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:

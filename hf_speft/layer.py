@@ -26,6 +26,7 @@ from .ops import SparsePattern, index_dtype_for, sparse_delta
 if TYPE_CHECKING:
     from .config import SparsePeftConfig
 
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 UNCALIBRATED_MESSAGE = (
     "The SPEFT adapter {adapter!r} (salience {salience!r}) has no mask yet. Build it with "
     "`hf_speft.calibrate(model, dataloader)` (data-free measures such as 'magnitude' need no dataloader), or train "
@@ -50,6 +51,31 @@ def is_quantized(base_layer: nn.Module) -> bool:
     return type(getattr(base_layer, "weight", None)).__name__ in ("Int8Params", "Params4bit")
 
 
+def dense_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
+    """The (out, in) float32 weight of a plain, bitsandbytes-quantized (dequantized: a copy) or ZeRO-3 partitioned
+    (gathered: a copy) base layer. `transposed`: the layer stores Wᵀ (Conv1D)."""
+    if is_quantized(base_layer):
+        from .integrations.bnb import dequantized_weight
+
+        return dequantized_weight(base_layer)
+    from .integrations.deepspeed import gathered, is_partitioned
+
+    weight = base_layer.weight
+    with gathered([weight]):  # ZeRO-3: one layer's weight at a time, copied before it is partitioned again
+        weight = weight.detach()
+        weight = (weight.t() if transposed else weight).float()
+        return weight.clone() if is_partitioned(base_layer.weight) else weight
+
+
+def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, "SparsePeftLayer"]:
+    """Module name -> SPEFT layer for every SPEFT layer in `model` (holding `adapter_name`, if given)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, SparsePeftLayer) and (adapter_name is None or adapter_name in module.speft_values)
+    }
+
+
 @dataclass
 class _QuantizedOriginal:
     """The quantized weight (and 8-bit state) a merge replaced; restored as is by `unmerge`."""
@@ -65,9 +91,9 @@ def _positions_in(sorted_reference: torch.Tensor, query: torch.Tensor) -> torch.
     return torch.where(sorted_reference[positions] == query, positions, -1)
 
 
-def _unfold_hook(module: "SparsePeftLayer", *args: Any) -> None:
+def _restore_base_hook(module: "SparsePeftLayer", *args: Any) -> None:
     """State-dict (load) pre-hook: the base weight is read or written only in its original, unfolded state."""
-    module._unfold()
+    module.restore_base_weight()
 
 
 @dataclass
@@ -173,7 +199,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self._check_indices(adapter_name, indices)
         if values is not None and values.shape != indices.shape:
             raise ValueError(f"Got {values.numel()} values for {indices.numel()} mask indices of {adapter_name!r}.")
-        self._unfold()
+        self.restore_base_weight()
         weight = self.get_base_layer().weight
         device = weight.device
         if values is None:
@@ -208,7 +234,7 @@ class SparsePeftLayer(BaseTunerLayer):
             raise ValueError(
                 f"A mask update keeps the count of {adapter_name!r} ({old_indices.numel()}); got {indices.numel()}."
             )
-        self._unfold()
+        self.restore_base_weight()
         values = self.speft_values[adapter_name]
         all_indices, all_values = self.delta_entries(adapter_name)
         order = torch.argsort(all_indices)
@@ -269,7 +295,7 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._folded is not None and self._folded.adapter == adapter_name:
-            self._unfold()
+            self.restore_base_weight()
         super().delete_adapter(adapter_name)
         for state in (self.speft_salience, self.speft_fold_weights, self._patterns, self._merge_originals):
             state.pop(adapter_name, None)
@@ -277,14 +303,37 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated.discard(adapter_name)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        self._unfold()
+        self.restore_base_weight()
         super().set_adapter(adapter_names, inference_mode=inference_mode)
 
     def enable_adapters(self, enabled: bool) -> None:
-        self._unfold()
+        self.restore_base_weight()
         super().enable_adapters(enabled)
 
     # ----------------------------------------------------------------- weight access
+    def calibrated_active_adapters(self) -> list[str]:
+        """The active adapters of this layer that have a mask (uncalibrated ones contribute nothing yet)."""
+        return [name for name in self.active_adapters
+                if name in self.speft_values and name not in self.speft_uncalibrated]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) float32 weight this layer computes with: the base plus its unmerged,
+        calibrated active deltas (a dense copy when a delta is added or the base is quantized or sharded)."""
+        self.restore_base_weight()
+        weight = dense_weight(self.get_base_layer(), self.fan_in_fan_out)
+        deltas = [] if self.merged or self.disable_adapters else self.calibrated_active_adapters()
+        if not deltas:
+            return weight
+        weight = weight.clone(memory_format=torch.contiguous_format)
+        flat = weight.view(-1)
+        for name in deltas:
+            indices, values = self.delta_entries(name)
+            flat[indices] += values.float()
+            low_rank = self.low_rank_delta(name)
+            if low_rank is not None:
+                weight += low_rank.to(weight.device)
+        return weight
+
     def _flat_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight
         if not base_weight_is_writable(self.get_base_layer()) or not weight.is_contiguous():
@@ -341,7 +390,7 @@ class SparsePeftLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self._unfold()
+        self.restore_base_weight()
         for adapter_name in adapter_names:
             if adapter_name not in self.speft_values:
                 continue
@@ -412,7 +461,7 @@ class SparsePeftLayer(BaseTunerLayer):
         if folded is not None and folded.adapter == adapter_name and folded.values_version == version:
             return
         if folded is not None and folded.adapter != adapter_name:
-            self._unfold()
+            self.restore_base_weight()
             folded = None
         indices, all_values = self.delta_entries(adapter_name)
         flat = self._flat_weight()
@@ -422,8 +471,9 @@ class SparsePeftLayer(BaseTunerLayer):
             flat[positions] = original + all_values.to(flat.dtype)
         self._folded = _FoldedDelta(adapter_name, positions, original, version)
 
-    def _unfold(self) -> None:
-        """Restore the base weight if a delta is folded into it."""
+    def restore_base_weight(self) -> None:
+        """Restore the base weight if a delta is folded into it (`fold_weights`); a no-op otherwise. Anyone reading
+        or writing the base weight directly calls this first."""
         if self._folded is None:
             return
         with torch.no_grad():
@@ -439,8 +489,8 @@ class Linear(nn.Module, SparsePeftLayer):
         SparsePeftLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-        self.register_state_dict_pre_hook(_unfold_hook)
-        self._register_load_state_dict_pre_hook(_unfold_hook, with_module=True)
+        self.register_state_dict_pre_hook(_restore_base_hook)
+        self._register_load_state_dict_pre_hook(_restore_base_hook, with_module=True)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -449,15 +499,15 @@ class Linear(nn.Module, SparsePeftLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            self._unfold()
+            self.restore_base_weight()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.speft_values]
-        for name in active:
-            if name in self.speft_uncalibrated and torch.is_grad_enabled() and self.training:
-                self.check_calibrated(name)
-        active = [name for name in active if name not in self.speft_uncalibrated]
+        if torch.is_grad_enabled() and self.training:  # training an adapter without a mask would train nothing
+            for name in self.active_adapters:
+                if name in self.speft_values:
+                    self.check_calibrated(name)
+        active = self.calibrated_active_adapters()
         fold = [name for name in active if self.speft_fold_weights[name]]
         if fold and len(active) > 1:
             raise ValueError(
@@ -467,7 +517,7 @@ class Linear(nn.Module, SparsePeftLayer):
         if fold:
             self._fold(fold[0])
         else:
-            self._unfold()
+            self.restore_base_weight()
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             values = self.speft_values[name]

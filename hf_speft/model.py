@@ -13,38 +13,11 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
 from .config import SparsePeftConfig
-from .layer import Linear, SparsePeftLayer
-from .masking import select_per_layer
-
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
-
-
-def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, SparsePeftLayer]:
-    """Module name -> SPEFT layer for every SPEFT layer in `model` (holding `adapter_name`, if given)."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, SparsePeftLayer) and (adapter_name is None or adapter_name in module.speft_values)
-    }
-
-
-def speft_tuner(model: nn.Module) -> SparseMasks:
-    """The tuner holding the SPEFT adapters of a `PeftModel` or `PeftMixedModel` (or the tuner itself); a clear error
-    for anything else."""
-    from peft import PeftMixedModel
-
-    tuner = model.base_model if isinstance(model, (PeftModel, PeftMixedModel)) else model
-    if not isinstance(tuner, SparseMasks):
-        raise TypeError(
-            f"Expected a PeftModel with a SPEFT adapter (from get_peft_model(model, SparsePeftConfig(...))), got "
-            f"{type(model).__name__}."
-        )
-    return tuner
-
+from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, sparse_layers
+from .masks import SparseMasks
 
 def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
     """Raise the how-to-calibrate error if a SPEFT adapter among `adapter_names` (default: all) has no mask yet."""
@@ -93,65 +66,6 @@ def adapt_peft_model() -> None:
 
     save_pretrained._speft_adapted = True
     PeftModel.save_pretrained, PeftModel.print_trainable_parameters = save_pretrained, print_trainable_parameters
-
-
-class SparseMasks:
-    """The mask operations of a tuner holding SPEFT adapters (`SparsePeftModel`, and peft's mixed model with SPEFT
-    adapters beside other kinds): budgets, installing calibrated masks, dynamic updates. Needs `model` and
-    `peft_config`."""
-
-    def build_data_free_masks(self, adapter_name: str) -> None:
-        """Build the adapter's mask right away when its configured salience measure needs no data, unless its config
-        was read from a saved adapter (`SparsePeftConfig.from_pretrained`): loading takes the saved masks and does no
-        salience work."""
-        from .salience import get_measure, select_adapter_masks
-
-        config = self.peft_config[adapter_name]
-        if config.__dict__.pop("_masks_from_checkpoint", False):
-            return
-        if get_measure(config.salience).data_free:
-            self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
-
-    def adapter_budget(self, adapter_name: str) -> int:
-        """The number of weights the adapter's mask trains across its SPEFT layers (its configured budget, less the
-        low-rank part of hybrid mode)."""
-        layers = sparse_layers(self.model, adapter_name)
-        shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
-        return self.peft_config[adapter_name].budget_split(shapes)[0]
-
-    def install_masks(self, adapter_name: str, masks: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Give every SPEFT layer of the adapter its mask (sorted flat indices, keyed like `sparse_layers`)."""
-        config: SparsePeftConfig = self.peft_config[adapter_name]
-        layers = self._scored_layers(adapter_name, masks)
-        generator = torch.Generator().manual_seed(config.seed)
-        for name, layer in layers.items():
-            layer.set_mask(adapter_name, masks[name], init_weights=config.init_weights, generator=generator)
-        return {name: int(mask.numel()) for name, mask in masks.items()}
-
-    def update_masks(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dynamic mask update: re-rank the entries of every layer in `scores` (all or some of the adapter's SPEFT
-        layers), keeping each layer's count.
-
-        The model's function is unchanged (see `SparsePeftLayer.update_mask`). Counts stay fixed so parameter shapes,
-        optimizer state and DDP buckets keep their layout. Returns, per layer, each new entry's old position or -1.
-        """
-        layers = sparse_layers(self.model, adapter_name)
-        unknown = sorted(set(scores) - set(layers))
-        if unknown:
-            raise ValueError(f"Scores for {unknown}, which are not SPEFT layers of adapter {adapter_name!r}.")
-        layers = {name: layers[name] for name in scores}
-        for layer in layers.values():
-            layer.check_calibrated(adapter_name)
-        counts = {name: layer.speft_values[adapter_name].numel() for name, layer in layers.items()}
-        masks = select_per_layer({name: scores[name] for name in layers}, counts)
-        return {name: layer.update_mask(adapter_name, masks[name]) for name, layer in layers.items()}
-
-    def _scored_layers(self, adapter_name: str, scores: dict[str, torch.Tensor]) -> dict[str, SparsePeftLayer]:
-        layers = sparse_layers(self.model, adapter_name)
-        if set(scores) != set(layers):
-            missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
-            raise ValueError(f"Scores must cover exactly the SPEFT layers; missing {missing}, unexpected {extra}.")
-        return layers
 
 
 class SparsePeftModel(SparseMasks, BaseTuner):
@@ -230,7 +144,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():
-            layer._unfold()
+            layer.restore_base_weight()
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # ------------------------------------------------------------------ saving and loading (peft#3490 hooks)

@@ -125,19 +125,22 @@ def test_training_on_a_quantized_base(checkpoint, bits, tmp_path):
         torch.testing.assert_close(model(**inputs).logits, adapter_out)
 
 
-# Measured overlaps here: magnitude 100% (8-bit) / 80% (4-bit), gradient 99.6% / 91.8%.
+# On the wide model: bitsandbytes' AVX512 4-bit kernel dequantizes rows shorter than one 64-weight block inaccurately
+# (relative error ~0.6 on the 32-wide `checkpoint`, ~0.12 elsewhere), so accuracy is compared only where every target's
+# rows span whole blocks, which both CPU kinds dequantize alike.
 @pytest.mark.parametrize(("measure", "bits", "minimum_overlap"), [
     ("magnitude", "8bit", 0.95), ("magnitude", "4bit", 0.75), ("gradient", "8bit", 0.95), ("gradient", "4bit", 0.85)])
-def test_quantized_masks_agree_with_the_fp32_masks(checkpoint, measure, bits, minimum_overlap):
+def test_quantized_masks_agree_with_the_fp32_masks(wide_checkpoint, measure, bits, minimum_overlap):
     config = dict(target_modules=TARGETS, density=0.05, salience=measure, salience_batches=2)
-    full = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint), SparsePeftConfig(**config))
-    low_bit = get_peft_model(quantized(checkpoint, bits), SparsePeftConfig(**config))
+    full = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_checkpoint), SparsePeftConfig(**config))
+    low_bit = get_peft_model(quantized(wide_checkpoint, bits), SparsePeftConfig(**config))
     if measure == "gradient":
         for model in (full, low_bit):
             calibrate(model, [batch(1), batch(2)], show_progress=False)
     first, second = masks(full), masks(low_bit)
     total = sum(len(indices) for indices in first.values())
     overlap = sum(len(first[name] & second[name]) for name in first) / total
+    print(f"{measure} {bits}: {overlap:.2%} of the fp32 mask kept")
     assert overlap >= minimum_overlap, f"{measure}: only {overlap:.2%} of the fp32 mask is kept on the {bits} base"
     for layer in sparse_layers(low_bit).values():  # not a trivial pattern
         indices = layer.speft_indices["default"].long()

@@ -14,49 +14,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..layer import SparsePeftLayer
+from ..config import check_positive_int
+from ..layer import SparsePeftLayer, dense_weight
 
 logger = logging.getLogger(__name__)
 
 
 def logical_weight(module: nn.Module) -> torch.Tensor:
-    """The (out_features, in_features) effective weight of a targeted module: base plus unmerged active deltas."""
+    """The (out_features, in_features) float32 effective weight of a targeted module: base plus unmerged active
+    deltas for a SPEFT layer."""
     if isinstance(module, SparsePeftLayer):
-        module._unfold()
-        weight = _base_weight(module.get_base_layer(), module.fan_in_fan_out)
-        if module.merged or module.disable_adapters:
-            return weight
-        deltas = [name for name in module.active_adapters
-                  if name in module.speft_values and name not in module.speft_uncalibrated]
-        if not deltas:
-            return weight
-        weight = weight.clone(memory_format=torch.contiguous_format)
-        flat = weight.view(-1)
-        for name in deltas:
-            indices, values = module.delta_entries(name)
-            flat[indices] += values.float()
-            low_rank = module.low_rank_delta(name)
-            if low_rank is not None:
-                weight += low_rank.to(weight.device)
-        return weight
-    return _base_weight(module, isinstance(module, Conv1D))
-
-
-def _base_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
-    """The (out, in) float32 weight of a plain or bitsandbytes-quantized (dequantized, a copy) base layer."""
-    from ..layer import is_quantized
-
-    if is_quantized(base_layer):
-        from ..integrations.bnb import dequantized_weight
-
-        return dequantized_weight(base_layer)
-    from ..integrations.deepspeed import gathered, is_partitioned
-
-    weight = base_layer.weight
-    with gathered([weight]):  # ZeRO-3: one layer's weight at a time, copied before it is partitioned again
-        weight = weight.detach()
-        weight = (weight.t() if transposed else weight).float()
-        return weight.clone() if is_partitioned(base_layer.weight) else weight
+        return module.effective_weight()
+    return dense_weight(module, isinstance(module, Conv1D))
 
 
 @dataclass
@@ -77,9 +46,7 @@ class SalienceContext:
     batches_used: int = 0  # set by each pass of `batches()`: the divisor of batch means
 
     def __post_init__(self) -> None:
-        size = self.micro_batch_size
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"micro_batch_size={size!r} must be a positive integer (rows per micro-batch) or None.")
+        check_positive_int("micro_batch_size", self.micro_batch_size, "rows per micro-batch", allow_none=True)
 
     def weight(self, name: str) -> torch.Tensor:
         """Effective (out, in) weight of one target as float32 (a transient dense copy)."""
@@ -89,10 +56,6 @@ class SalienceContext:
         """`scores` in the configured score dtype, on the score device (default: the weight's device)."""
         device = self.device if self.device is not None else _weight_device(like)
         return scores.to(device=device, dtype=self.dtype)
-
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded with the configured seed."""
-        return torch.Generator().manual_seed(self.seed)
 
     def batches(self, desc: str = "salience") -> Iterator[Any]:
         """Up to `num_batches` batches from the dataloader, with a progress bar. A shorter dataloader is used as it is,

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..layer import SparsePeftLayer
+from ..masking import top_k_of_all
 from .context import SalienceContext
 from .distributed import averaged_across_processes, summed_across_processes
 from .losses import batch_rows, loss_terms
@@ -161,14 +163,11 @@ def _weight_probes(ctx: SalienceContext) -> Iterator[dict[str, torch.Tensor]]:
 def merged_deltas(ctx: SalienceContext) -> Iterator[None]:
     """Merge the targets' active SPEFT deltas for the block (the sparse kernels have no second derivative); unmerge
     restores the base exactly."""
-    from ..layer import SparsePeftLayer
-
     merged = []
     try:
         for module in ctx.layers.values():
             if isinstance(module, SparsePeftLayer) and not module.merged and not module.disable_adapters:
-                names = [name for name in module.active_adapters if name in module.speft_values
-                         and name not in module.speft_uncalibrated]
+                names = module.calibrated_active_adapters()
                 if names:
                     module.merge(adapter_names=names)
                     merged.append(module)
@@ -255,8 +254,6 @@ def force(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     round's keep-set, |W ⊙ ∂L/∂(W ⊙ c)|, the kept count shrinking geometrically from all weights to the budget (pruned
     weights may come back). Returns the last round's scores, whose top-`budget` is FORCE's selection. The rounds
     prune by a plain global ranking, as the method does; the one-entry-per-layer rule applies to the final mask."""
-    from ..masking import top_k_of_all
-
     if ctx.budget is None:
         raise ValueError("The force measure needs the trainable budget (SalienceContext.budget / compute_salience("
                          "budget=...)).")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..layer import is_quantized
 from .context import SalienceContext
 from .gradients import captured_gradients, forward_hooks, frozen_eval, merged_deltas
 
@@ -83,8 +84,6 @@ def synflow(ctx: SalienceContext) -> dict[str, torch.Tensor]:
     """|W ⊙ ∂R/∂W| of the synaptic-flow objective (see the module docstring)."""
     if ctx.model is None:
         raise ValueError("synflow needs the model; pass it to compute_salience.")
-    from ..layer import is_quantized
-
     quantized = [name for name, module in ctx.layers.items()
                  if is_quantized(module.get_base_layer() if hasattr(module, "get_base_layer") else module)]
     if quantized:

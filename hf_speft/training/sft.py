@@ -1,10 +1,10 @@
-"""trl integration: `SpeftSFTTrainer`, trl's `SFTTrainer` with SPEFT calibration and dynamic mask updates."""
+"""`SpeftSFTTrainer`, trl's `SFTTrainer` with SPEFT calibration and dynamic mask updates."""
 
 from __future__ import annotations
 
 from trl import SFTTrainer
 
-from ..trainer import SpeftTrainerMixin
+from .trainer import SpeftTrainerMixin
 
 
 class SpeftSFTTrainer(SpeftTrainerMixin, SFTTrainer):
