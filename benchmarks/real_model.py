@@ -103,7 +103,8 @@ def main() -> None:
 def table(results: dict) -> str:
     """The Markdown table of a results dict (what the docs show)."""
     lines = ["| method | trainable | strict before → after | flexible before → after | `####` format | "
-             "loss first → last | s/step (incl. salience) | peak RSS | salience s |", "|---|---:|---|---|---:|---|---:|---:|---:|"]
+             "loss first → last | s/step (incl. salience) | peak RSS | salience s |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|"]
     for method, result in results.items():
         losses = result["train_losses"] or [float("nan")]
         lines.append(

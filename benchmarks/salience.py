@@ -26,7 +26,7 @@ from pathlib import Path
 
 from harness import PeakGrowth
 
-from hf_speft.config import LAYER_COUPLED_MEASURES
+from hf_speft.measures import measure_info
 
 MEASURES = ["magnitude", "random", "gradient", "snip", "taylor", "skeleton", "fisher", "grasp", "synflow", "force"]
 TOPK = ["topk_hf_speft", "topk_concat"]
@@ -150,7 +150,7 @@ def main() -> None:
     names = ("batches", "hidden", "layers", "batch", "seq_len", "topk_hidden", "topk_layers", "topk_density")
     forwarded = [f"--{name}={getattr(args, name)}" for name in names]
     runs = [f"{measure}@{setting}" for measure in args.measures for setting in args.settings
-            if parse_setting(setting)["groups"] == 1 or measure not in LAYER_COUPLED_MEASURES]
+            if parse_setting(setting)["groups"] == 1 or not measure_info(measure).couples_layers]
     results = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for method in runs + ([] if args.no_topk else TOPK):

@@ -10,26 +10,28 @@ quiet_optional_kernel_notice()  # before peft imports bitsandbytes
 
 from ._registry import SPEFT_PEFT_TYPE, register_sparse_peft  # noqa: E402
 from .config import SparsePeftConfig
+from .checkpoint import CorruptAdapterError
 from .hub import push_to_hub, summarize_adapter, update_model_card
 from .integrations.mixed import enable_mixed_adapters, save_mixed_adapter
-from .layer import Linear, SparsePeftLayer
+from .layer import Linear, SparsePeftLayer, sparse_layers
 from .masking import select_mask
+from .masks import calibrate
+from .measures import available_measures, register_salience
 from .memory import MemoryEstimate, estimate_memory
-from .checkpoint import CorruptAdapterError
-from .model import SparsePeftModel, adapt_peft_model, sparse_layers
-from .salience import SalienceContext, available_measures, calibrate, compute_salience, register_salience
+from .model import SparsePeftModel, adapt_peft_model
+from .salience import SalienceContext, compute_salience
+from .training.updater import MaskUpdater
 
 register_sparse_peft(config_cls=SparsePeftConfig, model_cls=SparsePeftModel)
 enable_mixed_adapters()
 adapt_peft_model()
 
-# The training classes import transformers' Trainer (and trl); they load on first access.
+# The Trainer classes import transformers' Trainer (and trl): they load on first access.
 _LAZY = {
-    "MaskUpdater": "trainer",
-    "SpeftCallback": "trainer",
-    "SpeftTrainer": "trainer",
-    "SpeftTrainerMixin": "trainer",
-    "SpeftSFTTrainer": "integrations.trl",
+    "SpeftCallback": "training.callback",
+    "SpeftTrainer": "training.trainer",
+    "SpeftTrainerMixin": "training.trainer",
+    "SpeftSFTTrainer": "training.sft",
 }
 
 

@@ -4,8 +4,9 @@
 updates, `<module>.speft_residual_indices` / `<module>.speft_residual_values` (disjoint from the mask). In a
 `PeftModel`'s state dict each key also ends in `.<adapter name>`; in the file it does not.
 
-This module is the one reader: loading into a model (`SparsePeftModel`), `hf-speft merge`, `hf-speft inspect` and
-the model card all read through it, so a damaged file is refused the same way everywhere, naming the file.
+This module is the one reader and the file-level writer: loading into a model (`SparsePeftModel`), `hf-speft merge`,
+`compose` and `inspect`, and the model card all read through it, so a damaged file is refused the same way everywhere,
+naming the file.
 """
 
 from __future__ import annotations
@@ -140,3 +141,23 @@ def file_deltas(tensors: dict[str, torch.Tensor], source: str) -> dict[str, Modu
         except CorruptAdapterError as error:
             raise CorruptAdapterError(f"{source}: {error}") from None
     return deltas
+
+
+def write_weights(folder: str, deltas: dict[str, ModuleDelta], values_dtype: torch.dtype = torch.float32) -> None:
+    """Write `deltas` (module name without peft's prefix -> delta) as `folder`'s adapter file, in the layout
+    `PeftModel.save_pretrained` writes (for adapters built outside a model, e.g. `hf-speft compose`)."""
+    from safetensors.torch import save_file
+
+    from .ops import index_dtype_for
+
+    tensors = {}
+    for name, delta in deltas.items():
+        key = f"base_model.model.{name}"
+        index_dtype = index_dtype_for(delta.shape[0] * delta.shape[1])
+        tensors[f"{key}.speft_indices"] = delta.indices.to(index_dtype).contiguous()
+        tensors[f"{key}.speft_values"] = delta.values.to(values_dtype).contiguous()
+        tensors[f"{key}.speft_weight_shape"] = torch.tensor(delta.shape, dtype=torch.int64)
+        if delta.residual is not None:
+            tensors[f"{key}.speft_residual_indices"] = delta.residual[0].to(index_dtype).contiguous()
+            tensors[f"{key}.speft_residual_values"] = delta.residual[1].to(values_dtype).contiguous()
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})

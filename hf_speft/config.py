@@ -103,7 +103,8 @@ class SparsePeftConfig(PeftConfig):
         metadata={"help": "Train as many weights as a LoRA of this rank on the same targets (8 if no budget is set)."},
     )
     mask_scope: Literal["global", "local"] = field(
-        default="global", metadata={"help": "'global': one ranking across all targets; 'local': same density per layer."}
+        default="global",
+        metadata={"help": "'global': one ranking across all targets; 'local': same density per layer."},
     )
     salience: str = field(
         default="gradient", metadata={"help": "Salience measure that scores weights, e.g. 'gradient', 'magnitude'."}
@@ -194,7 +195,7 @@ class SparsePeftConfig(PeftConfig):
         if os.path.isdir(folder):  # a damaged weights file is refused before peft changes the model
             check_readable(folder)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config._masks_from_checkpoint = True  # not a field: never saved
+        config._masks_supplied = True  # not a field: never saved
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -251,7 +252,8 @@ class SparsePeftConfig(PeftConfig):
         if sparse < len(weight_shapes):
             raise ValueError(
                 f"The sparse part gets {sparse} trainable weights ({total} in all, {low_rank} to the low-rank part "
-                f"lora_r={self.lora_r}), but every one of the {len(weight_shapes)} targeted layers trains at least one; "
+                f"lora_r={self.lora_r}), but every one of the {len(weight_shapes)} targeted layers trains at least "
+                "one; "
                 "raise the budget, lower lora_r or target fewer modules."
             )
         return sparse, low_rank

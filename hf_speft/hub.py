@@ -115,7 +115,8 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
-            raise AdapterFolderError(f"{path!r} is not a saved adapter folder: {os.path.basename(required)} is missing.")
+            raise AdapterFolderError(
+                f"{path!r} is not a saved adapter folder: {os.path.basename(required)} is missing.")
     try:
         with open(config_path) as f:
             config = json.load(f)
@@ -149,11 +150,14 @@ def _natural(name: str) -> list:
 
 
 def human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    """`count` bytes in B, KiB, MiB or GiB (the largest unit it reaches)."""
+    if count < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB"):
         count /= 1024
-    raise AssertionError("unreachable")
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} GiB"
 
 
 def _replace_block(text: str, start: str, end: str, block: Optional[str]) -> str:

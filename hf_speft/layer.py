@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .ops import SparsePattern, index_dtype_for, sparse_delta
+from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
 if TYPE_CHECKING:
     from .config import SparsePeftConfig
@@ -67,7 +67,7 @@ def dense_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
         return weight.clone() if is_partitioned(base_layer.weight) else weight
 
 
-def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, "SparsePeftLayer"]:
+def sparse_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, SparsePeftLayer]:
     """Module name -> SPEFT layer for every SPEFT layer in `model` (holding `adapter_name`, if given)."""
     return {
         name: module
@@ -91,7 +91,7 @@ def _positions_in(sorted_reference: torch.Tensor, query: torch.Tensor) -> torch.
     return torch.where(sorted_reference[positions] == query, positions, -1)
 
 
-def _restore_base_hook(module: "SparsePeftLayer", *args: Any) -> None:
+def _restore_base_hook(module: SparsePeftLayer, *args: Any) -> None:
     """State-dict (load) pre-hook: the base weight is read or written only in its original, unfolded state."""
     module.restore_base_weight()
 
@@ -358,15 +358,13 @@ class SparsePeftLayer(BaseTunerLayer):
     def storage_positions(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 positions of logical (row-major (out, in)) `indices` in the base weight's own storage (Conv1D
         stores Wᵀ)."""
-        indices = indices.to(torch.int64)
-        if not self.fan_in_fan_out:
-            return indices
-        rows = torch.div(indices, self.in_features, rounding_mode="floor")
-        cols = indices - rows * self.in_features
-        return cols * self.out_features + rows
+        if self.fan_in_fan_out:
+            return transposed_positions(indices, self.out_features, self.in_features)
+        return indices.to(torch.int64)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging); float32
+        """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging);
+        float32
         (out, in) for a quantized base."""
         weight = self.get_base_layer().weight
         if is_quantized(self.get_base_layer()):
@@ -418,7 +416,7 @@ class SparsePeftLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base weight entries that `merge` replaced, most recent merge first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
@@ -494,8 +492,9 @@ class Linear(nn.Module, SparsePeftLayer):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("SPEFT does not support mixed-adapter batches (`adapter_names=`); use set_adapter.")
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -520,15 +519,40 @@ class Linear(nn.Module, SparsePeftLayer):
             self.restore_base_weight()
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            values = self.speft_values[name]
-            if fold and not (values.requires_grad and torch.is_grad_enabled()):
+            if fold and not (self.speft_values[name].requires_grad and torch.is_grad_enabled()):
                 continue
-            result = sparse_delta(result, x, values, self.pattern(name), add_delta=not fold)
-            if not fold and name in self.speft_residual_indices:
-                residual = self.speft_residual_values[name]
-                result = sparse_delta(result, x, residual, self.pattern(name, residual=True))
-            if name in self.speft_lora_A:
-                result = result + self._low_rank_output(name, x).to(result.dtype)
+            result = self._with_delta(name, x, result, folded=bool(fold))
+        return result
+
+    def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, folded: bool = False):
+        """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
+        part. `folded`: the delta is already in the base weight, only the values' gradient path is added."""
+        result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name),
+                              add_delta=not folded)
+        if not folded and adapter_name in self.speft_residual_indices:
+            residual = self.speft_residual_values[adapter_name]
+            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True))
+        if adapter_name in self.speft_lora_A:
+            result = result + self._low_rank_output(adapter_name, x).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each row of the batch through its own adapter (`"__base__"`: none), as peft's LoRA does for
+        `model(..., adapter_names=[...])`; an adapter this layer does not hold leaves its rows at the base output."""
+        if len(adapter_names) != len(x):
+            raise ValueError(f"Got {len(adapter_names)} adapter names for a batch of {len(x)} rows; give one per row.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while an adapter is merged into the base weights "
+                             "(merge_adapter or activate_adapter); unmerge it first (unmerge_adapter() or "
+                             "activate_adapter(None)).")
+        self.restore_base_weight()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.speft_values:
+                continue
+            self.check_calibrated(name)
+            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
+            result = result.index_copy(0, rows, self._with_delta(name, x[rows], result[rows]))
         return result
 
     def __repr__(self) -> str:

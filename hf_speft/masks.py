@@ -32,11 +32,11 @@ class SparseMasks:
     `peft_config`."""
 
     def build_data_free_masks(self, adapter_name: str) -> None:
-        """Build the adapter's mask right away when its configured salience measure needs no data, unless its config
-        was read from a saved adapter (`SparsePeftConfig.from_pretrained`): loading takes the saved masks and does no
-        salience work."""
+        """Build the adapter's mask right away when its configured salience measure needs no data, unless its masks
+        are supplied another way: its config was read from a saved adapter (`SparsePeftConfig.from_pretrained`: the
+        checkpoint holds them) or it is being composed (`add_weighted_adapter`). Those do no salience work."""
         config = self.peft_config[adapter_name]
-        if config.__dict__.pop("_masks_from_checkpoint", False):
+        if config.__dict__.pop("_masks_supplied", False):
             return
         if get_measure(config.salience).data_free:
             self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))

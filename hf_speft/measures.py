@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Union
+from collections.abc import Callable
 
 if TYPE_CHECKING:
     import torch

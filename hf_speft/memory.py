@@ -18,8 +18,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-METHODS = ("speft", "speft+lora", "lora", "pissa", "full")
-SPEFT_METHODS = ("speft", "speft+lora")
+from .methods import METHODS, SPEFT_METHODS, method_peft_config
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAM_STATES = 2  # AdamW keeps two float32 moments per trainable parameter
 
@@ -67,8 +67,8 @@ def estimate_memory(
 
     LoRA and PiSSA train rank `lora_r`; SPEFT trains the budget given by one of `density`, `num_params` or
     `match_lora_rank` (default: `match_lora_rank=lora_r`); `speft+lora` is SPEFT's hybrid mode at that budget, with a
-    low-rank part of rank `lora_r // 2` (at least 1), as the recipes' `--method speft+lora`. `batch_size` is per GPU. ZeRO stage 1 shards optimizer
-    state over `num_gpus`, stage 2 also gradients, stage 3 also weights.
+    low-rank part of rank `methods.hybrid_lora_r(lora_r)`, as the recipes' `--method speft+lora`. `batch_size` is per
+    GPU. ZeRO stage 1 shards optimizer state over `num_gpus`, stage 2 also gradients, stage 3 also weights.
     """
     _check_arguments(method, zero_stage, num_gpus, load_in_8bit, load_in_4bit, seq_len, batch_size, dtype)
     config = _config_of(model_name_or_config)
@@ -153,22 +153,15 @@ def _meta_model(config, dtype: torch.dtype, num_layers: Optional[int] = None) ->
 
 def _method_wrapper(method, target_modules, lora_r, density, num_params, match_lora_rank) -> Callable:
     """The model → trainable-model function of `method` (peft's real wrappers; SPEFT stays uncalibrated)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from .config import SparsePeftConfig
-
-    if method == "full":
+    # PiSSA has LoRA's shapes; its SVD initialisation cannot run on the meta device
+    budget = dict(density=density, num_params=num_params, match_lora_rank=match_lora_rank)
+    peft_config = method_peft_config("lora" if method == "pissa" else method, target_modules=target_modules,
+                                     lora_r=lora_r, salience="gradient", budget=budget)  # validates the budget
+    if peft_config is None:
         return lambda model: model
-    if method in ("lora", "pissa"):
-        if any(value is not None for value in (density, num_params, match_lora_rank)):
-            raise ValueError(f"density/num_params/match_lora_rank set a SPEFT budget; {method} uses lora_r.")
-        return lambda model: get_peft_model(model, LoraConfig(r=lora_r, target_modules=target_modules))
-    given = {name: value for name, value in (("density", density), ("num_params", num_params),
-                                             ("match_lora_rank", match_lora_rank)) if value is not None}
-    hybrid = {"lora_r": max(1, lora_r // 2)} if method == "speft+lora" else {}
-    speft_config = SparsePeftConfig(target_modules=target_modules, salience="gradient",
-                                    **(given or {"match_lora_rank": lora_r}), **hybrid)  # validates the budget
-    return lambda model: get_peft_model(model, copy.deepcopy(speft_config))  # uncalibrated: no mask is built
+    return lambda model: get_peft_model(model, copy.deepcopy(peft_config))  # uncalibrated: no mask is built
 
 
 def _speft_budget(peft_model: nn.Module) -> int:

@@ -1,184 +1,47 @@
-"""What the recipes share: the fine-tuning methods they compare at a matched budget (SPEFT, LoRA, PiSSA, full
-fine-tuning) and how they report bad input (one line, exit code 2, before any work)."""
+"""The fine-tuning methods compared at a matched budget (SPEFT, its hybrid, LoRA, PiSSA, full fine-tuning) and the
+budget rules that make them comparable. The recipes and `estimate_memory` both build their peft configs here."""
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Optional
-
-import torch
-from torch import nn
 
 METHODS = ("speft", "speft+lora", "lora", "pissa", "full")
 SPEFT_METHODS = ("speft", "speft+lora")
 SPEFT_BUDGETS = ("density", "num_params", "match_lora_rank")
 
 
-@dataclass
-class MethodArguments:
-    """The method a recipe trains with, and SPEFT's options (command-line flags of the same names)."""
-
-    method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
-    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
-    mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
-    mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
-    update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})
-    salience_batches: int = field(default=64, metadata={"help": "SPEFT salience batches (paper: 64 x 16)."})
-    salience_micro_batch_size: Optional[int] = field(default=None, metadata={
-        "help": "SPEFT salience: back-propagate each batch in micro-batches of this many rows (less memory, same "
-                "mask)."})
-    density: Optional[float] = field(default=None, metadata={"help": "SPEFT budget as a density."})
-    num_params: Optional[int] = field(default=None, metadata={"help": "SPEFT budget as a count."})
-    match_lora_rank: Optional[int] = field(default=None, metadata={"help": "SPEFT budget of a rank-r LoRA "
-                                                                           "(default: --lora_r)."})
-    hybrid_lora_r: Optional[int] = field(default=None, metadata={"help": "speft+lora: rank of the low-rank part, "
-                                                                         "which takes that share of the same budget "
-                                                                         "(default: half of --lora_r)."})
-
-    def check(self) -> None:
-        """A ValueError for an unknown method, a SPEFT budget given to another method, or two SPEFT budgets."""
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not allowed; use one of {METHODS}.")
-        given = [name for name in SPEFT_BUDGETS if getattr(self, name) is not None]
-        if self.method not in SPEFT_METHODS and given:
-            raise ValueError(f"--{given[0]} sets a SPEFT budget; it does not apply to --method {self.method} (LoRA "
-                             "and PiSSA use --lora_r).")
-        if self.hybrid_lora_r is not None and self.method != "speft+lora":
-            raise ValueError(f"--hybrid_lora_r applies to --method speft+lora, not --method {self.method}.")
-        if self.hybrid_lora_r is not None and self.hybrid_lora_r < 1:
-            raise ValueError(f"--hybrid_lora_r {self.hybrid_lora_r} is not allowed; it must be a positive rank.")
-        if len(given) > 1:
-            raise ValueError(f"Give one SPEFT budget, not {', '.join('--' + name for name in given)}.")
+def hybrid_lora_r(lora_r: int) -> int:
+    """The low-rank part of `speft+lora` at the budget of a rank-`lora_r` LoRA: half the rank (at least 1); the
+    sparse mask takes the rest of the same budget."""
+    return max(1, lora_r // 2)
 
 
-def peft_config_for(args: MethodArguments, *, target_modules: Any, lora_r: int, lora_alpha: int, task_type: str,
-                    lora_dropout: float = 0.0) -> Any:
-    """The peft config that `args.method` trains with, or None for full fine-tuning: LoRA and PiSSA (rank `lora_r`)
-    and SPEFT (budget defaulting to `match_lora_rank=lora_r`) train the same number of weights. `speft+lora` is
-    SPEFT's hybrid mode at the same budget, with a low-rank part of rank `hybrid_lora_r` (default `lora_r // 2`, at
-    least 1) and the sparse mask taking the rest. Building it validates SPEFT's options (ValueError)."""
+def method_peft_config(method: str, *, target_modules: Any, lora_r: int = 8, lora_alpha: float = 8,
+                       lora_dropout: float = 0.0, task_type: Optional[str] = None,
+                       budget: Optional[dict[str, Any]] = None, hybrid_r: Optional[int] = None,
+                       **speft_options: Any) -> Any:
+    """The peft config `method` trains with, or None for full fine-tuning. LoRA and PiSSA (rank `lora_r`) and SPEFT
+    (`budget`: one of `SPEFT_BUDGETS`, default `match_lora_rank=lora_r`) train the same number of weights.
+    `speft+lora` is SPEFT's hybrid mode at the same budget, its low-rank part of rank `hybrid_r` (default
+    `hybrid_lora_r(lora_r)`). `speft_options` are further `SparsePeftConfig` fields. Building it validates SPEFT's
+    options (ValueError)."""
     from peft import LoraConfig
 
     from .config import SparsePeftConfig
 
-    if args.method == "full":
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; use one of {METHODS}.")
+    budget = {name: value for name, value in (budget or {}).items() if value is not None}
+    if method not in SPEFT_METHODS and budget:
+        raise ValueError(f"{', '.join(budget)} sets a SPEFT budget; {method} uses lora_r.")
+    if method == "full":
         return None
-    if args.method in ("lora", "pissa"):
+    if method in ("lora", "pissa"):
         return LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                          init_lora_weights="pissa_niter_4" if args.method == "pissa" else True, task_type=task_type)
-    budget = {name: getattr(args, name) for name in SPEFT_BUDGETS if getattr(args, name) is not None}
+                          init_lora_weights="pissa_niter_4" if method == "pissa" else True, task_type=task_type)
     hybrid = {}
-    if args.method == "speft+lora":
-        hybrid_r = args.hybrid_lora_r or max(1, lora_r // 2)
+    if method == "speft+lora":
+        hybrid_r = hybrid_r or hybrid_lora_r(lora_r)
         hybrid = dict(lora_r=hybrid_r, lora_alpha=lora_alpha * hybrid_r / lora_r, lora_dropout=lora_dropout)
-    return SparsePeftConfig(
-        target_modules=target_modules, task_type=task_type, salience=args.salience, mask_scope=args.mask_scope,
-        mask_update=args.mask_update, update_interval=args.update_interval, salience_batches=args.salience_batches,
-        salience_micro_batch_size=args.salience_micro_batch_size, **(budget or {"match_lora_rank": lora_r}), **hybrid)
-
-
-def check_model_and_targets(model_name_or_path: str, peft_config: Any, auto_class: Any, **config_kwargs: Any) -> None:
-    """Before any weight is loaded: the model's config can be read, `peft_config`'s targets match modules of its
-    architecture (built empty, on the meta device) and a SPEFT budget fits them. ValueError otherwise."""
-    from accelerate import init_empty_weights
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from transformers import AutoConfig
-    from transformers.pytorch_utils import Conv1D
-
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot load the model {model_name_or_path!r}: {str(error).splitlines()[0]}") from None
-    if peft_config is None or peft_config.target_modules in (None, "all-linear"):
-        return
-    from transformers.models.auto.auto_factory import _get_model_class
-
-    # The model class itself, not `from_config`, which under DeepSpeed ZeRO-3 would partition the empty weights.
-    with init_empty_weights():
-        model = _get_model_class(config, auto_class._model_mapping)(config)
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
-    targets = {name: module for name, module in layers.items() if check_target_module_exists(peft_config, name)}
-    if not targets:
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
-        wanted = peft_config.target_modules
-        wanted = repr(wanted) if isinstance(wanted, str) else sorted(wanted)
-        raise ValueError(f"--lora_target_modules {wanted} matches no linear layer of "
-                         f"{model_name_or_path!r}; its linear layers are named {kinds}.")
-    if hasattr(peft_config, "budget_split"):  # SPEFT: the budget must fit the targeted weights
-        shapes = []
-        for module in targets.values():
-            out_features, in_features = module.weight.shape
-            shapes.append((in_features, out_features) if isinstance(module, Conv1D) else (out_features, in_features))
-        peft_config.budget_split(shapes)
-
-
-def fixed_subset(rows: list, size: Optional[int]) -> list:
-    """The same `size` rows in every run (drawn with seed 0, in their original order), or all rows."""
-    if size is None or size >= len(rows):
-        return rows
-    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:size]
-    return [rows[index] for index in sorted(chosen.tolist())]
-
-
-def use_cpu_without_a_gpu(parser: Any) -> None:
-    """Defaults that run on a machine without a GPU: `use_cpu=True` and fp32 (`bf16=False`; trl defaults to bf16,
-    which TrainingArguments refuses without a GPU). Given options and `--config` values still win."""
-    if not torch.cuda.is_available():
-        parser.set_defaults(use_cpu=True, bf16=False)
-
-
-def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
-    """Run `trainer.train()`, print the trainable count (budgets are visibly matched) and save the model (an
-    adapter for the peft methods) to the output folder; returns (train seconds, trainable parameters)."""
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(f"[{method}] trainable parameters: {trainable:,}", flush=True)
-    trainer.save_model(trainer.args.output_dir)
-    return seconds, trainable
-
-
-def peak_memory_bytes() -> int:
-    """Peak accelerator memory allocated by this process on CUDA, else its peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def train_losses(trainer: Any) -> list[float]:
-    """The training losses the Trainer logged, in order."""
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def salience_seconds(trainer: Any) -> float:
-    """Seconds `SpeftTrainer` spent calibrating (salience and mask selection, part of the train time); 0 for the
-    other methods."""
-    return sum(entry.get("speft/salience_seconds", 0.0) for entry in trainer.state.log_history)
-
-
-class RecipeError(ValueError):
-    """Bad arguments or data, reported before any work as one line and exit code 2."""
-
-
-@contextlib.contextmanager
-def user_input_checks() -> Iterator[None]:
-    """Turn the ValueErrors of argument and data checks inside the block into `RecipeError`s."""
-    try:
-        yield
-    except ValueError as error:
-        raise RecipeError(str(error)) from None
-
-
-def run_recipe(main: Callable[[], Any], name: str) -> None:
-    """Run a recipe's `main`; a `RecipeError` becomes one line on stderr and exit code 2 (no traceback)."""
-    try:
-        main()
-    except RecipeError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return SparsePeftConfig(target_modules=target_modules, task_type=task_type,
+                            **(budget or {"match_lora_rank": lora_r}), **hybrid, **speft_options)

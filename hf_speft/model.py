@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from collections.abc import Iterator
@@ -12,11 +13,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper, _freeze_adapter
 from torch import nn
 
 from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
 from .config import SparsePeftConfig
-from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, sparse_layers
+from .compose import check_combination, compose_entries, keep_largest
+from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
 from .masks import SparseMasks
 
 def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
@@ -66,6 +69,11 @@ def adapt_peft_model() -> None:
 
     save_pretrained._speft_adapted = True
     PeftModel.save_pretrained, PeftModel.print_trainable_parameters = save_pretrained, print_trainable_parameters
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    """Forward pre-hook: the layer's forward gets `adapter_names=` (mixed-adapter batches)."""
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 class SparsePeftModel(SparseMasks, BaseTuner):
@@ -133,14 +141,125 @@ class SparsePeftModel(SparseMasks, BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """peft calls this around every forward and `generate`; it is where LoRA reads `adapter_names=` (mixed-adapter
-        batches). SPEFT does not support them yet, so the argument is refused instead of silently dropped."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                f"SPEFT does not support mixed-adapter batches yet (adapter_names={kwargs['adapter_names']!r}); run the "
-                "rows of each adapter separately after model.set_adapter(name)."
-            )
-        yield
+        """peft calls this around every forward and `generate`: with `adapter_names=[...]` (one adapter name or
+        `"__base__"` per row) each SPEFT layer runs every row through its own adapter, as peft's LoRA does. Inference
+        only; with beam search (`num_beams`) each name covers its row's beams."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise ValueError(f"adapter_names must be a list with one adapter name (or '__base__') per row; got "
+                             f"{adapter_names!r}.")
+        layers = sparse_layers(self.model).values()
+        known = {name for layer in layers for name in layer.speft_values}
+        unknown = sorted(set(adapter_names) - known - {"__base__"})
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {unknown}; this model has "
+                             f"{sorted(known)} (or '__base__' for none).")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            if getattr(self.model.config, "is_encoder_decoder", False):
+                raise ValueError("adapter_names with beam search is supported for decoder-only models.")
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = functools.partial(_pass_adapter_names, adapter_names=list(adapter_names))
+        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self.model.modules()
+                   if isinstance(module, (SparsePeftLayer, AuxiliaryTrainingWrapper))]  # modules_to_save too
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ composing and hot-swapping adapters
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", density: Optional[float] = None,
+                             majority_sign_method: str = "total", *, budget: Optional[int] = None,
+                             seed: int = 0) -> None:
+        """Add `adapter_name`, composed exactly from SPEFT `adapters` (see `hf_speft.compose`): `linear` and `cat`
+        (the same for sparse deltas) sum `weights`·deltas on the union of the masks; `ties`, `dare_linear`,
+        `dare_ties` and `magnitude_prune` follow peft, with `density` the fraction of each adapter's entries kept.
+        `budget` keeps only that many entries (largest |value|, at least one per layer); `seed` draws DARE's masks.
+
+        The result is an ordinary SPEFT adapter (mask = the kept entries, residuals folded in): save, merge, train or
+        inspect it. It is added frozen and not activated, as in peft. Hybrid adapters (`lora_r > 0`) are refused: their
+        low-rank parts do not compose exactly.
+        """
+        check_combination(len(adapters), weights, combination_type, density, majority_sign_method)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; pick a new name or delete it first.")
+        layers = {name: set(sparse_layers(self.model, name)) for name in self._speft_adapters(adapters)}
+        hybrid = [name for name in adapters if self.peft_config[name].lora_r]
+        if hybrid:
+            raise ValueError(f"Adapters {hybrid} are hybrid (lora_r > 0): their low-rank parts have no exact sparse "
+                             "composition; compose sparse-only adapters.")
+        first = adapters[0]
+        for name in adapters[1:]:
+            if layers[name] != layers[first]:
+                difference = sorted(layers[name] ^ layers[first])[:3]
+                raise ValueError(f"Adapters {first!r} and {name!r} target different modules (e.g. {difference}); "
+                                 "only adapters on the same targets compose.")
+        generator = torch.Generator().manual_seed(seed)
+        composed = {}
+        for module_name, layer in sorted(sparse_layers(self.model, first).items()):
+            for name in adapters:
+                layer.check_calibrated(name)
+            composed[module_name] = compose_entries([layer.delta_entries(name) for name in adapters], weights,
+                                                    combination_type, density, majority_sign_method, generator)
+        if budget is not None:
+            composed = keep_largest(composed, budget)
+        config = copy.deepcopy(self.peft_config[first])
+        config.density = config.match_lora_rank = None
+        config.num_params = sum(indices.numel() for indices, _ in composed.values())
+        config.mask_update = "static"
+        config._masks_supplied = True  # not a field: never saved
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        for module_name, layer in sparse_layers(self.model, adapter_name).items():
+            indices, values = composed[module_name]
+            dtype = layer.speft_values[first].dtype
+            layer.set_mask(adapter_name, indices, values=values.to(dtype))
+        _freeze_adapter(self.model, adapter_name)
+
+    def activate_adapter(self, adapter_name: Optional[str]) -> None:
+        """O(nnz) hot-swap for inference: write `adapter_name`'s sparse delta into the base weights in place (None or
+        `"__base__"`: the base model alone). The entries a swap replaces are kept and written back by the next swap,
+        so base → A → B → base restores the weights bit for bit in any float dtype; no dense copy is made. After the
+        swap a forward costs exactly the base model's.
+
+        Refused, before anything changes, for quantized or ZeRO-3 sharded bases (no entry can be written in place;
+        use `adapter_names=` or `set_adapter`), uncalibrated adapters and hybrid ones (a low-rank part is dense).
+        """
+        target = None if adapter_name in (None, "__base__") else adapter_name
+        layers = sparse_layers(self.model)
+        targeted = {name: layer for name, layer in layers.items() if target in layer.speft_values}
+        if target is not None:
+            self._speft_adapters([target])
+            if self.peft_config[target].lora_r:
+                raise ValueError(f"Adapter {target!r} is hybrid (lora_r > 0): its low-rank part is dense, so it cannot "
+                                 "be hot-swapped in O(nnz); use merge_adapter or set_adapter.")
+            for module_name, layer in targeted.items():
+                layer.check_calibrated(target)
+                if not base_weight_is_writable(layer.get_base_layer()):
+                    raise ValueError(f"Cannot hot-swap into {module_name!r}: its base weight is quantized or sharded "
+                                     "(ZeRO-3); use model(..., adapter_names=[...]) or set_adapter instead.")
+        for layer in layers.values():
+            if layer.merged:
+                layer.unmerge()
+        if target is None:
+            return
+        self.set_adapter(target, inference_mode=True)
+        for layer in targeted.values():
+            layer.merge(adapter_names=[target])
+
+    def _speft_adapters(self, names: list[str]) -> list[str]:
+        """`names` if every one is a SPEFT adapter of this model; a ValueError naming the others."""
+        unknown = [name for name in names if not isinstance(self.peft_config.get(name), SparsePeftConfig)]
+        if unknown:
+            raise ValueError(f"{unknown} are not SPEFT adapters of this model; it has {sorted(self.peft_config)}.")
+        return names
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         for layer in sparse_layers(self.model).values():

@@ -2,10 +2,10 @@
 
 `SparsePattern` derives the CSR structures of a fixed mask once (O(nnz + rows + cols)); `sparse_delta` is the
 autograd entry point. The forward computes Δ·xᵀ with Δ in CSR as stored and adds its transpose to the base output
-(dense-times-sparse `x·Δᵀ` converts and sorts its sparse operand on every call and measured up to 2.8x slower per
-layer at width 1024 on this CPU). The backward computes the gradient of the values only at the mask, with a sampled
-dense-dense matmul (SDDMM: `grad_values[j] = Σ_t g[t, row_j] · x[t, col_j]`), and saves nothing but the input `x`
-for it. Both backward products read one contiguous copy of gᵀ: CSR products on a strided operand ran ~3x slower.
+(dense-times-sparse `x·Δᵀ` converts and sorts its sparse operand on every call). The backward computes the gradient
+of the values only at the mask, with a sampled dense-dense matmul (SDDMM: `grad_values[j] = Σ_t g[t, row_j] ·
+x[t, col_j]`), and saves nothing but the input `x` for it. Both backward products read one contiguous copy of gᵀ, as
+CSR products on a strided operand are slower (benchmarks/memory_speed.py measures the kernels).
 Half-precision inputs run the sparse kernels in float32 (CPU has no bf16/fp16 CSR kernels); the cast is transient.
 """
 
@@ -33,6 +33,14 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def transposed_positions(indices: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """int64 positions in Wᵀ's row-major storage of logical row-major (out, in) flat `indices` (GPT-2's Conv1D
+    stores Wᵀ)."""
+    indices = indices.to(torch.int64)
+    rows = torch.div(indices, in_features, rounding_mode="floor")
+    return (indices - rows * in_features) * out_features + rows
+
+
 class SparsePattern:
     """The CSR layout of a sparse (out_features, in_features) delta whose flat row-major indices are sorted."""
 
@@ -54,16 +62,11 @@ class SparsePattern:
     @staticmethod
     def state_bytes(nnz: int, out_features: int, in_features: int, values_itemsize: int = 4) -> int:
         """Bytes a SPEFT layer keeps for a mask of `nnz` entries besides its values: the flat index buffer plus this
-        layout after a backward pass (`nbytes`). `values_itemsize` is the size of the compute dtype."""
+        layout after a backward pass (its CSR structures and sampling mask). `values_itemsize` is the size of the
+        compute dtype."""
         index = index_dtype_for(out_features * in_features).itemsize
         pointers = (out_features + 1 + in_features + 1) * index
         return nnz * (4 * index + values_itemsize) + pointers
-
-    def nbytes(self) -> int:
-        """Bytes held by this layout now (the sampling mask exists after the first backward)."""
-        tensors = [self.crow, self.col, self.transposed_order, self.transposed_crow, self.transposed_col]
-        tensors += [mask.values() for mask in self._sampling_masks.values()]
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     @staticmethod
     def _compressed(major: torch.Tensor, size: int) -> torch.Tensor:

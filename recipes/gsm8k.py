@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -31,11 +32,14 @@ from tqdm.auto import tqdm
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 import hf_speft
-from hf_speft.trainer import run_settings
+from hf_speft.training.trainer import run_settings
 from hf_speft.data import read_jsonl
-from hf_speft.methods import (SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset,
-                              peak_memory_bytes, peft_config_for, run_recipe, salience_seconds, train_and_save,
-                              train_losses, use_cpu_without_a_gpu, user_input_checks)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_utils.py, also when loaded by path
+from recipe_utils import (  # noqa: E402
+    SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset, peak_memory_bytes,
+    peft_config_for, run_recipe, salience_seconds, train_and_save, train_losses, use_cpu_without_a_gpu,
+    user_input_checks,
+)
 
 logger = logging.getLogger("gsm8k.py")
 

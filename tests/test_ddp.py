@@ -8,11 +8,11 @@ import pytest
 import torch
 from distributed_helpers import torchrun_two_processes
 
-TESTS = Path(__file__).parent
+WORKERS = Path(__file__).parent / "workers"
 
 
 def run_two_processes(out_dir, mode: str) -> None:
-    torchrun_two_processes(TESTS / "ddp_worker.py", [str(out_dir), mode], timeout=300)
+    torchrun_two_processes(WORKERS / "ddp_worker.py", [str(out_dir), mode], timeout=300)
 
 
 @pytest.mark.slow

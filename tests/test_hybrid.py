@@ -159,7 +159,8 @@ def test_bad_hybrid_options_are_refused(options, message):
 
 
 def test_a_low_rank_part_that_takes_the_whole_budget_is_refused():
-    with pytest.raises(ValueError, match=r"The sparse part gets 0 trainable weights .* lora_r=4\), but every one of the 14 targeted layers"):
+    with pytest.raises(ValueError, match=r"The sparse part gets 0 trainable weights .* lora_r=4\), but every one of "
+                                         r"the 14 targeted layers"):
         hybrid_model("llama", lora_r=4)
 
 

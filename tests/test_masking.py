@@ -10,7 +10,8 @@ from hf_speft.masking import MaskSelector, local_budgets, select_mask
 
 def scores(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.rand(6, 5, generator=g), "b": torch.rand(4, 8, generator=g) * 2, "c": torch.rand(3, 3, generator=g)}
+    return {"a": torch.rand(6, 5, generator=g), "b": torch.rand(4, 8, generator=g) * 2,
+            "c": torch.rand(3, 3, generator=g)}
 
 
 def brute_force_global(layer_scores, budget):
@@ -34,7 +35,7 @@ def test_global_keeps_each_layers_best_and_ranks_the_rest_together(budget):
     masks = select_mask(s, budget, "global")
     assert sum(m.numel() for m in masks.values()) == budget
     assert {name: mask.tolist() for name, mask in masks.items()} == brute_force_global(s, budget)
-    for name, mask in masks.items():
+    for mask in masks.values():
         assert torch.equal(mask, mask.sort().values) and mask.numel() >= 1
 
 
@@ -85,7 +86,8 @@ def test_local_budgets_largest_remainder():
     assert sum(local_budgets({"a": 3, "b": 7, "c": 11}, 13).values()) == 13
 
 
-@pytest.mark.parametrize(("budget", "scope"), [(0, "global"), (2, "global"), (2, "local"), (72, "global"), (5, "layer")])
+@pytest.mark.parametrize(("budget", "scope"),
+                         [(0, "global"), (2, "global"), (2, "local"), (72, "global"), (5, "layer")])
 def test_bad_selection_arguments(budget, scope):
     with pytest.raises(ValueError, match="budget=|scope="):
         select_mask(scores(), budget, scope)

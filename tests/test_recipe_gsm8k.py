@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, TrlParser
 
-from hf_speft.methods import MethodArguments
+from recipe_utils import MethodArguments
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "gsm8k.py"
 spec = importlib.util.spec_from_file_location("gsm8k_recipe", RECIPE)

@@ -257,7 +257,7 @@ def test_calibrate_builds_exact_deterministic_masks(scope):
 def test_calibrate_includes_the_current_delta():
     model = speft_model(salience="magnitude", init_weights=False)
     name, layer = next(iter(sparse_layers(model.base_model.model).items()))
-    scores = next(hf_speft.salience.adapter_salience_groups(model, "default"))  # one group: every layer
+    scores = next(hf_speft.masks.adapter_salience_groups(model, "default"))  # one group: every layer
     expected = layer.get_base_layer().weight.detach().clone().reshape(-1)
     expected[layer.speft_indices["default"].long()] += layer.speft_values["default"].detach()
     torch.testing.assert_close(scores[name].reshape(-1), expected.abs())
@@ -276,7 +276,7 @@ def test_calibrate_errors_are_clear():
         calibrate(base_model(), batches())
     with pytest.raises(ValueError, match="No targeted module"):
         compute_salience(base_model(), batches(), target_modules=["not_a_module"], show_progress=False)
-    with pytest.raises(ValueError, match="micro_batch_size=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="micro_batch_size=0 is not allowed; it must be a positive integer"):
         compute_salience(base_model(), batches(), target_modules=TARGETS, micro_batch_size=0)
 
 
@@ -341,7 +341,7 @@ def test_grouped_salience_reads_each_batch_once():
 
 
 def test_salience_groups_config_errors():
-    with pytest.raises(ValueError, match="salience_groups=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="salience_groups=0 is not allowed; it must be a positive integer"):
         SparsePeftConfig(target_modules=TARGETS, density=0.1, salience_groups=0)
     for measure in ("grasp", "force"):
         with pytest.raises(ValueError, match=f"salience='{measure}' scores all layers together"):

@@ -102,7 +102,7 @@ def test_dynamic_update_keeps_outputs_and_moves_the_mask(tmp_path, fold_weights)
     after = masks_and_values(model)
     assert 0 < churn <= 1
     assert any(not torch.equal(before[name][0], after[name][0]) for name in before)
-    for name, (indices, values) in after.items():  # counts per layer are kept
+    for name, (indices, _) in after.items():  # counts per layer are kept
         assert indices.numel() == before[name][0].numel()
     torch.testing.assert_close(model(**inputs).logits, before_logits, atol=1e-5, rtol=1e-5)
     assert updater.pop_metrics()["speft/mask_churn"] == churn
@@ -128,7 +128,8 @@ def test_dynamic_mask_follows_the_gradient():
 @pytest.mark.parametrize("reset", ["new", "all"])
 def test_reset_optimizer_modes(reset):
     model = speft_model(mask_update="dynamic", reset_optimizer=reset)
-    updater = MaskUpdater(model, [batch(seed=1)])
+    salience_data = [batch(seed=1)]
+    updater = MaskUpdater(model, salience_data)
     updater.calibrate()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch()).loss.backward()
@@ -138,7 +139,7 @@ def test_reset_optimizer_modes(reset):
     old = {name: (layer.speft_indices["default"].clone(),
                   {k: v.clone() for k, v in optimizer.state[layer.speft_values["default"]].items()})
            for name, layer in layers.items()}
-    updater.dataloader = [reversed_batch(seed=3)]
+    salience_data[:] = [reversed_batch(seed=3)]
     updater.update(optimizer)
 
     moved = 0
@@ -203,14 +204,15 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
 
 def test_stock_trainer_with_speft_callback(tmp_path):
     model = speft_model(mask_update="dynamic", update_interval=2)
-    updater = MaskUpdater(model, [batch(seed=1)])
+    salience_data = [batch(seed=1)]
+    updater = MaskUpdater(model, salience_data)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=counting_dataset(),
                       data_collator=default_data_collator, callbacks=[SpeftCallback(updater)])
     with pytest.raises(RuntimeError, match="calibrate"):
         trainer.train()
     updater.calibrate()
     first = masks_and_values(model)
-    updater.dataloader = [reversed_batch(seed=2)]  # updates see a different task, so the mask must move
+    salience_data[:] = [reversed_batch(seed=2)]  # updates see a different task, so the mask must move
     trainer.train()
     assert updater.pop_metrics()["speft/mask_churn"] > 0
     assert any(not torch.equal(first[name][0], indices) for name, (indices, _) in masks_and_values(model).items())
@@ -266,9 +268,10 @@ def test_grouped_dynamic_update_equals_one_pass():
     results = []
     for groups in (1, 2):
         model = speft_model(mask_update="dynamic", salience_groups=groups)
-        updater = MaskUpdater(model, [batch(seed=1)], show_progress=False)
+        salience_data = [batch(seed=1)]
+        updater = MaskUpdater(model, salience_data, show_progress=False)
         updater.calibrate()
-        updater.dataloader = [reversed_batch(seed=2)]
+        salience_data[:] = [reversed_batch(seed=2)]
         churn = updater.update(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
         results.append((churn, {name: layer.speft_indices["default"] for name, layer in sparse_layers(model).items()}))
     assert results[0][0] == results[1][0] > 0
@@ -284,7 +287,7 @@ def test_zero3_checkpointing_guard_sets_transformers_current_argument():
 
     from transformers import TrainingArguments
 
-    from hf_speft.trainer import _gradient_checkpointing_guards
+    from hf_speft.training.trainer import _gradient_checkpointing_guards
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the current names raise no deprecation warning

@@ -1,4 +1,5 @@
-"""peft-style conformance matrix of the SPEFT tuner over several module kinds (Linear MLP, GPT-2 Conv1D, Llama, Qwen2)."""
+"""peft-style conformance checks of the SPEFT tuner over several module kinds (Linear MLP, GPT-2 Conv1D, Llama,
+Qwen2)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from distributed_helpers import torchrun_two_processes
 from safetensors.torch import load_file
 
-TESTS = Path(__file__).parent
+WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_zero3_calibrate_train_and_save_a_full_adapter(tmp_path, model_dir, meas
 
     from hf_speft import calibrate, sparse_layers
 
-    torchrun_two_processes(TESTS / "zero3_worker.py", [str(tmp_path), str(model_dir), measure, dtype], timeout=900)
+    torchrun_two_processes(WORKERS / "zero3_worker.py", [str(tmp_path), str(model_dir), measure, dtype], timeout=900)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert [rank["world_size"] for rank in ranks] == [2, 2] and all(rank["partitioned"] for rank in ranks)
     assert ranks[0]["values_dtypes"] == {f"torch.{dtype}"}  # the base dtype: ZeRO-3 gathers need one dtype

@@ -41,7 +41,7 @@ def training_args(output_dir, **kwargs) -> TrainingArguments:
     return TrainingArguments(str(output_dir), **{**defaults, **kwargs})
 
 
-def speft_trainer(model, output_dir, dataset=None, **kwargs) -> "hf_speft.SpeftTrainer":
+def speft_trainer(model, output_dir, dataset=None, **kwargs) -> hf_speft.SpeftTrainer:
     return hf_speft.SpeftTrainer(model=model, args=training_args(output_dir, **kwargs),
                                  train_dataset=dataset if dataset is not None else counting_dataset(),
                                  data_collator=default_data_collator)

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from .._registry import PREFIX, SPEFT_PEFT_TYPE
 from ..config import SparsePeftConfig
 from ..layer import SparsePeftLayer
-from ..model import SparseMasks, SparsePeftModel
+from ..masks import SparseMasks
+from ..model import SparsePeftModel
 
 
 class SpeftMixedModel(SparseMasks, mixed.MixedModel):

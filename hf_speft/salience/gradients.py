@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

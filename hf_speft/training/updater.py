@@ -25,7 +25,8 @@ def _innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"Dynamic SPEFT masks edit the optimizer state of moved entries and need a torch.optim.Optimizer; got "
-            f"{type(optimizer).__name__} (DeepSpeed/FSDP-managed optimizers are not supported: use mask_update='static')."
+            f"{type(optimizer).__name__} (DeepSpeed/FSDP-managed optimizers are not supported: use "
+            "mask_update='static')."
         )
     return optimizer
 

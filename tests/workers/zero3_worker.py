@@ -1,9 +1,10 @@
-"""Worker for the DeepSpeed ZeRO-3 test, run as `torchrun --nproc_per_node 2 tests/zero3_worker.py OUT_DIR MODEL_DIR
-MEASURE DTYPE`: loads the tiny Llama in MODEL_DIR in DTYPE (float32 or bfloat16), partitioned by ZeRO-3 (from_pretrained after the TrainingArguments, as
-transformers requires), wraps it with SPEFT (`speft_config(MEASURE)`), calibrates on this rank's share of
-`salience_batches()` (rank r takes batches r, r + W, ...), trains 3 steps with SpeftTrainer and gradient
-checkpointing, and saves the adapter. Each rank writes OUT_DIR/rank{r}.pt with its world size, masks, whether the base
-weights were partitioned, the adapter values' dtype, the losses and the engine's logits on a probe batch (eval mode).
+"""Worker for the DeepSpeed ZeRO-3 test, run as `torchrun --nproc_per_node 2 tests/workers/zero3_worker.py OUT_DIR
+MODEL_DIR MEASURE DTYPE`: loads the tiny Llama in MODEL_DIR in DTYPE (float32 or bfloat16), partitioned by ZeRO-3
+(from_pretrained after the TrainingArguments, as transformers requires), wraps it with SPEFT
+(`speft_config(MEASURE)`), calibrates on this rank's share of `salience_batches()` (rank r takes batches r, r + W,
+...), trains 3 steps with SpeftTrainer and gradient checkpointing, and saves the adapter. Each rank writes
+OUT_DIR/rank{r}.pt with its world size, masks, whether the base weights were partitioned, the adapter values' dtype,
+the losses and the engine's logits on a probe batch (eval mode).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def speft_config(measure: str) -> hf_speft.SparsePeftConfig:
 
 def main(out_dir: str, model_dir: str, measure: str, dtype: str) -> None:
     args = TrainingArguments(out_dir, deepspeed=zero3_config(dtype), use_cpu=True, bf16=dtype == "bfloat16",
-                             per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3, learning_rate=1e-2, logging_steps=1,
+                             per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3,
+                             learning_rate=1e-2, logging_steps=1,
                              report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
                              lr_scheduler_type="constant", dataloader_drop_last=True, activation_checkpointing=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))

@@ -1,0 +1,61 @@
+"""`hf-speft plot`: per-layer x per-module density heatmap and |values| histogram of a saved adapter."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ..hub import read_adapter_folder, summarize_adapter
+from .common import CliError
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'hf-speft[plot]'.") from None
+    import numpy as np
+
+    folder = read_adapter_folder(args.adapter_dir)
+    summary = summarize_adapter(args.adapter_dir, folder)
+    layers: dict[int, dict[str, float]] = {}
+    kinds: list[str] = []
+    for module in summary.modules:
+        match = re.search(r"\.(\d+)\.", f".{module.name}.")
+        layer = int(match.group(1)) if match else -1
+        kind = module.name.rsplit(".", 1)[-1]
+        layers.setdefault(layer, {})[kind] = module.density
+        if kind not in kinds:
+            kinds.append(kind)
+    order = sorted(layers)
+    grid = np.full((len(order), len(kinds)), np.nan)
+    for row, layer in enumerate(order):
+        for column, kind in enumerate(kinds):
+            grid[row, column] = layers[layer].get(kind, np.nan)
+    values = np.concatenate([t.float().abs().numpy() for k, t in folder.tensors.items() if k.endswith(".speft_values")])
+
+    figure, (heat, hist) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(order) + 2)))
+    image = heat.imshow(grid, aspect="auto", cmap="viridis")
+    heat.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    heat.set_yticks(range(len(order)), [str(layer) if layer >= 0 else "-" for layer in order])
+    heat.set_xlabel("module")
+    heat.set_ylabel("layer")
+    heat.set_title(f"mask density ({summary.config.get('salience')}, {summary.config.get('mask_scope')})")
+    figure.colorbar(image, ax=heat)
+    hist.hist(values, bins=50, log=True)
+    hist.set_xlabel("|value|")
+    hist.set_ylabel("entries")
+    hist.set_title(f"trained values ({summary.nnz:,} entries)")
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser("plot", help="per-layer x per-module density heatmap and |values| histogram",
+                               epilog="example: hf-speft plot out/adapter --out mask.png")
+    plot.add_argument("adapter_dir")
+    plot.add_argument("--out", default="mask.png")
+    plot.set_defaults(run=run)

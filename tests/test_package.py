@@ -1,0 +1,86 @@
+"""The package's shape: no import circle between its modules (lazy imports included) and a light `import hf_speft`
+(`make test` runs ruff besides)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "hf_speft"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def executed_nodes(node: ast.AST):
+    """Every node below `node` except the bodies of `if TYPE_CHECKING:` blocks, which never run."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield child
+        yield from executed_nodes(child)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The package modules `path` imports anywhere in its body (function-level imports too; type-checking-only ones
+    not). Importing `a.b.c` from outside package `a.b` also runs `a.b`'s `__init__`, so it counts as importing
+    `a.b`."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in executed_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            while target and target != "hf_speft":  # the root package is the public facade over everything
+                if target != name and not name.startswith(target + "."):
+                    found.add(target)
+                target = target.rpartition(".")[0]
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) for name, path in paths.items() if name != "hf_speft"}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == "open":
+                pytest.fail(f"import circle: {' -> '.join(trail[trail.index(target):] + [target])}")
+            if target not in state:
+                visit(target, trail + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert "hf_speft.layer" in graph["hf_speft.masks"]  # the graph is really read (a broken reader finds nothing)
+
+
+def test_import_hf_speft_loads_neither_trainer_nor_trl():
+    code = ("import sys, hf_speft; heavy = sorted(m for m in sys.modules if m == 'trl' or m.startswith('trl.') "
+            "or m == 'transformers.trainer'); print(heavy); print(hf_speft.SparsePeftConfig.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "SparsePeftConfig"], result.stdout
+    code = "import sys, hf_speft; hf_speft.SpeftTrainer; print('transformers.trainer' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"  # the lazy names do load on first access
