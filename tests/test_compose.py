@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -285,3 +288,25 @@ def test_mixed_adapter_batches_refuse_bad_use():
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         model(input_ids=ids, adapter_names=["math", "code"])
+
+
+# ----------------------------------------------------------------------------------------------- documentation
+DOCUMENTED = [Path(__file__).parents[1] / "README.md", Path(__file__).parents[1] / "docs" / "serving.md"]
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda path: path.name)
+def test_serving_examples_run_as_written(path):
+    """Every Python example of composing, hot-swapping or mixed batches in the docs runs on a model holding adapters
+    `math` and `code` (the setting the docs state), in training mode as `get_peft_model` returns it."""
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+              if any(word in block for word in ("add_weighted_adapter", "activate_adapter", "adapter_names"))]
+    assert blocks
+    for block in blocks:
+        model = two_adapter_model().train()
+        model.generation_config.pad_token_id = 0
+        original = base_weights(model)
+        namespace = {"model": model, "ids": torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(0))}
+        exec(compile(block, str(path), "exec"), namespace)
+        if "activate_adapter(None)" in block:
+            assert all(torch.equal(weight, original[key]) for key, weight in base_weights(model).items())
+

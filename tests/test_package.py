@@ -84,3 +84,10 @@ def test_import_hf_speft_loads_neither_trainer_nor_trl():
     code = "import sys, hf_speft; hf_speft.SpeftTrainer; print('transformers.trainer' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "True"  # the lazy names do load on first access
+
+
+def test_benchmark_tables_match_the_results():
+    """The tables in README.md and benchmarks/README.md are what benchmarks/tables.py makes of benchmarks/results/."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,249 @@
+"""The benchmark tables of the docs, generated from `benchmarks/results/` so they cannot drift from the measurements.
+
+Every table sits in a Markdown file between `<!-- table:NAME -->` and `<!-- /table -->`; this script rewrites those
+blocks in README.md and benchmarks/README.md from the result files.
+
+    python benchmarks/tables.py           # rewrite the blocks
+    python benchmarks/tables.py --check   # exit 1 if a block differs from its results (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent
+RESULTS = BENCHMARKS / "results"
+DOCUMENTS = [BENCHMARKS.parent / "README.md", BENCHMARKS / "README.md"]
+sys.path.insert(0, str(BENCHMARKS))
+
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "peft LoRA r=8", "supertuning": "peft Supertuning",
+                "shira": "peft SHiRA", "dense_sim": "dense-masked simulation", "speft": "**hf-speft**",
+                "speft_fold": "**hf-speft `fold_weights=True`**", "speft_static": "SPEFT static (`SpeftSFTTrainer`)",
+                "speft_dynamic": "SPEFT dynamic", "lora_trl": "LoRA r=8 (trl `SFTTrainer`)"}
+MIB = 2**20
+
+
+def _lines(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _medians(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method, the median over rounds of every numeric field (ratios are per-round ratios to LoRA)."""
+    methods: dict[str, list[dict]] = {}
+    for row in rows:
+        methods.setdefault(row["method"], []).append(row)
+    return {method: {key: statistics.median(row[key] for row in members)
+                     for key, value in members[0].items()
+                     if isinstance(value, (int, float)) and all(row.get(key) is not None for row in members)}
+            for method, members in methods.items()}
+
+
+def memory_speed(name: str) -> str:
+    medians = _medians(_lines(name))
+    lines = ["| method | trainable | step s | step ÷LoRA | no-grad forward ÷LoRA | peak extra RSS ÷LoRA | "
+             "optimizer state ÷LoRA | saved-for-backward ÷LoRA |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, row in medians.items():
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | {row['trainable_params']:,.0f} | "
+                     f"{row['step_time_s']:.3f} | {row['step_time_s/lora']:.2f} | {row['inference_time_s/lora']:.2f} | "
+                     f"{row['peak_extra_rss_bytes/lora']:.2f} | {row['optimizer_state_bytes/lora']:.2f} | "
+                     f"{row['saved_for_backward_bytes/lora']:.2f} |")
+    return "\n".join(lines)
+
+
+def trainer_run() -> str:
+    medians = _medians(_lines("trainer_run.jsonl"))
+    lines = ["| method | trainable | step s | step ÷LoRA | peak extra RSS ÷LoRA | salience s | one dynamic update s "
+             "(÷ step) | loss first → last |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for method, row in medians.items():
+        update = (f"{row['mask_update_s']:.2f} ({row['mask_update_s'] / row['step_time_s']:.1f})"
+                  if row.get("mask_updates") else "—")  # mask_update_s: the median update of a run
+        salience = f"{row['salience_s']:.2f}" if row["salience_s"] else "—"
+        label = METHOD_NAMES["lora_trl" if method == "lora" else method]
+        lines.append(f"| {label} | {row['trainable_params']:,.0f} | {row['step_time_s']:.3f} | "
+                     f"{row['step_time_s/lora']:.2f} | {row['peak_extra_rss_bytes/lora']:.2f} | {salience} | {update} "
+                     f"| {row['first_loss']:.2f} → {row['last_loss']:.2f} |")
+    return "\n".join(lines)
+
+
+def quality() -> str:
+    from quality import markdown_table
+
+    return markdown_table(_json("quality_sst2.json")["summary"])
+
+
+def quality_sweep() -> str:
+    sweep = _json("quality_sst2_sweep.json")
+    rates = sorted({run["learning_rate"] for run in sweep["runs"]})
+    chosen = _json("quality_sst2.json")["learning_rates"]  # the rates the table uses
+    lines = ["| method | " + " | ".join(f"{rate:g}" for rate in rates) + " |", "|---|" + "---:|" * len(rates)]
+    methods: dict[str, dict[float, float]] = {}
+    for run in sweep["runs"]:
+        methods.setdefault(run["method"], {})[run["learning_rate"]] = 100 * run["accuracy"]
+    for method, accuracies in methods.items():
+        family = method.split("-")[0]
+        cells = [("" if rate not in accuracies else f"**{accuracies[rate]:.1f}**"
+                  if chosen.get(family) == rate else f"{accuracies[rate]:.1f}") for rate in rates]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def salience_measures() -> str:
+    lines = ["| measure | s per batch | ÷ one training step | peak extra RSS | ÷ one training step's |",
+             "|---|---:|---:|---:|---:|"]
+    for row in _lines("salience.jsonl"):
+        if "setting" in row:
+            lines.append(f"| {row['method']} | {row['salience_s_per_batch']:.2f} | "
+                         f"{row['salience_per_batch/step']:.2f} | {row['peak_extra_rss_bytes'] / MIB:,.0f} MiB | "
+                         f"{row['peak_rss/step']:.2f} |")
+    return "\n".join(lines)
+
+
+SETTINGS = {"g1": "whole batches, one group (default)", "g1-m1": "micro-batches of 1 row",
+            "g1-m1-bf16": "micro-batches of 1 row, bfloat16 scores", "g2-m1": "micro-batches of 1 row, 2 groups",
+            "g4": "whole batches, 4 groups"}
+
+
+def salience_memory() -> str:
+    lines = ["| gradient salience | s per batch | ÷ one training step | peak extra RSS | ÷ one training step's |",
+             "|---|---:|---:|---:|---:|"]
+    for row in _lines("salience_memory.jsonl"):
+        if row["method"] == "gradient":
+            lines.append(f"| {SETTINGS.get(row['setting'], row['setting'])} | {row['salience_s_per_batch']:.2f} | "
+                         f"{row['salience_per_batch/step']:.2f} | {row['peak_extra_rss_bytes'] / MIB:,.0f} MiB | "
+                         f"{row['peak_rss/step']:.2f} |")
+    return "\n".join(lines)
+
+
+def salience_topk() -> str:
+    names = {"topk_hf_speft": "hf-speft (`MaskSelector`, running per-layer candidates)",
+             "topk_concat": "concatenate + `topk` (reference code)"}
+    rows = [row for row in _lines("salience.jsonl") if row["method"] in names]
+    lines = [f"| global top-k over {rows[0]['scores'] / 1e6:.0f} M scores | peak extra RSS | ÷ bytes of the scores |",
+             "|---|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {names[row['method']]} | {row['peak_extra_rss_bytes'] / MIB:,.0f} MiB | "
+                     f"{row['peak_extra_rss_bytes'] / row['scores_bytes']:.2f} |")
+    return "\n".join(lines)
+
+
+def salience_share() -> str:
+    run = _json("salience_share_sst2.json")["runs"][0]
+    return "\n".join(["| run | steps' data | calibration s | whole run s | share | dev accuracy |",
+                      "|---|---:|---:|---:|---:|---:|",
+                      f"| MiniLM, all of SST-2, 3 epochs, `SpeftTrainer` | {run['num_train']:,} sentences | "
+                      f"{run['salience_seconds']:.1f} | {run['train_time_s']:,.0f} | "
+                      f"{100 * run['salience_seconds'] / run['train_time_s']:.2f}% | {100 * run['accuracy']:.1f}% |"])
+
+
+def real_model() -> str:
+    from real_model import table
+
+    return table(_json("real_model.json")["results"])
+
+
+def load_time() -> str:
+    result = _json("load_time.json")
+    median = result["median_seconds"]
+    return "\n".join(["| load | median s | ÷ LoRA load |", "|---|---:|---:|",
+                      f"| LoRA r=16 (`PeftModel.from_pretrained`) | {median['lora']:.3f} | 1.00 |",
+                      f"| SPEFT, same budget (saved masks, no salience) | {median['speft']:.3f} | "
+                      f"{median['speft'] / median['lora']:.2f} |",
+                      f"| SPEFT, building a new magnitude mask | {median['speft_new_adapter']:.1f} | "
+                      f"{median['speft_new_adapter'] / median['lora']:.0f} |"])
+
+
+def serving() -> str:
+    lines = ["| model | swap ms: SPEFT / LoRA hot-swap | decode ms/token: base / SPEFT swapped / LoRA unmerged | "
+             "mixed batch tokens/s: SPEFT / LoRA |", "|---|---|---|---|"]
+    for row in _json("serving.json")["results"]:
+        swap, decode, mixed = row["swap_s"], row["decode_s_per_token"], row["mixed_tokens_per_s"]
+        lines.append(f"| {row['model']} ({row['parameters'] / 1e6:.0f} M, {row['speft_nnz']:,} entries) | "
+                     f"{1e3 * swap['speft']:.1f} / {1e3 * swap['lora_hotswap']:.1f} | "
+                     f"{1e3 * decode['base']:.1f} / {1e3 * decode['speft_swapped']:.1f} / "
+                     f"{1e3 * decode['lora_unmerged']:.1f} | {mixed['speft']:,.0f} / {mixed['lora']:,.0f} |")
+    return "\n".join(lines)
+
+
+def gpu_check() -> str:
+    path = RESULTS / "gpu_check.json"
+    if path.is_file():
+        from gpu_check import table
+
+        return table(json.loads(path.read_text()))
+    return "\n".join(["| measurement | result |", "|---|---|", "| CUDA correctness tests | — (no GPU run yet) |",
+                      "| sparse kernels in bf16 / fp16 on CUDA | — |",
+                      "| one 8B layer's projections, fwd+bwd: base / LoRA / SPEFT | — |",
+                      "| 8B plan: SPEFT and LoRA step time, measured vs estimated memory | — |"])
+
+
+def headline() -> str:
+    """The README's table: SPEFT against LoRA at the same budget, one line per measured claim."""
+    speed = _medians(_lines("memory_speed_speft.jsonl"))
+    quality_rows = {row["method"]: row for row in _json("quality_sst2.json")["summary"]}
+    serving_rows = {row["model"]: row for row in _json("serving.json")["results"]}
+    speft, lora = quality_rows["speft-gradient"], quality_rows["lora"]
+    decode = serving_rows["smollm2-135m"]["decode_s_per_token"]
+    return "\n".join([
+        "| at LoRA r=8's trainable count | SPEFT | LoRA | source |", "|---|---:|---:|---|",
+        f"| training step time (tiny Llama, CPU) | {speed['speft']['step_time_s/lora']:.2f}× "
+        f"(`fold_weights`: {speed['speft_fold']['step_time_s/lora']:.2f}×) | 1.00× | `memory_speed.py` |",
+        f"| optimizer state / saved-for-backward bytes | {speed['speft']['optimizer_state_bytes/lora']:.2f}× / "
+        f"{speed['speft']['saved_for_backward_bytes/lora']:.2f}× | 1.00× / 1.00× | `memory_speed.py` |",
+        f"| SST-2 dev accuracy, MiniLM, 3 seeds | {100 * speft['accuracy_mean']:.2f} ± "
+        f"{100 * speft['accuracy_std']:.2f} | {100 * lora['accuracy_mean']:.2f} ± {100 * lora['accuracy_std']:.2f} "
+        "| `quality.py` |",
+        f"| decoding after a hot-swap, SmolLM2-135M, ÷ base model | {decode['speft/base']:.2f}× | "
+        f"{decode['lora/base']:.2f}× (unmerged) | `serving.py` |",
+    ])
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "headline": headline, "memory_speed": lambda: memory_speed("memory_speed.jsonl"),
+    "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"), "trainer_run": trainer_run,
+    "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
+    "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
+    "real_model": real_model, "load_time": load_time, "serving": serving, "gpu_check": gpu_check,
+}
+BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def rendered(text: str, path: Path) -> str:
+    def fill(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"{path}: unknown table {name!r}; known: {sorted(TABLES)}")
+        return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report blocks that differ from the results")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        new = rendered(text, path)
+        if new != text:
+            stale.append(str(path))
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"stale benchmark tables in {stale}: run python benchmarks/tables.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
