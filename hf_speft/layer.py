@@ -205,7 +205,10 @@ class SparsePeftLayer(BaseTunerLayer):
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
             if not init_weights:
-                std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
+                # the scale of the weight the layer computes with (an int8/4-bit weight's storage has another)
+                base = self.get_base_layer()
+                dense = dense_weight(base, self.fan_in_fan_out) if is_quantized(base) else weight.detach().float()
+                std = float(dense.std()) if dense.numel() > 1 else 1.0
                 values = torch.randn(indices.numel(), generator=generator) * (std if math.isfinite(std) else 1.0)
         self.speft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
         previous = self.speft_values[adapter_name] if adapter_name in self.speft_values else None

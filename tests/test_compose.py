@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from testing_common import tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from testing_common import tiny_gpt2, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 

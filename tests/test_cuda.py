@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from testing_common import tiny_llama
 from peft import PeftModel, get_peft_model
 
 from hf_speft import SparsePeftConfig, compute_salience, sparse_layers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, build, inputs_for, logits
+from testing_common import MODELS, build, inputs_for, logits
 from peft import get_peft_model
 
 from hf_speft import SparsePeftConfig, sparse_layers
@@ -45,17 +45,6 @@ def test_fold_trains_like_default_and_restores_base_for_saving(name, tmp_path):
             assert torch.equal(value, base_state[key.replace(".base_layer", "")]), key
     folded.save_pretrained(tmp_path)
     torch.testing.assert_close(logits(folded, batch), logits(default, batch), atol=1e-4, rtol=1e-4)
-
-
-def test_fold_restores_base_for_disable_adapter_and_unload():
-    _, folded = models("llama")
-    batch = inputs_for("llama")
-    base_logits = logits(build("llama"), batch)
-    adapted = logits(folded, batch)
-    with folded.disable_adapter():
-        torch.testing.assert_close(logits(folded, batch), base_logits, rtol=0, atol=0)
-    torch.testing.assert_close(logits(folded, batch), adapted)
-    torch.testing.assert_close(logits(folded.unload(), batch), base_logits, rtol=0, atol=0)
 
 
 def test_fold_refuses_several_active_adapters():

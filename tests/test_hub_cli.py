@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from testing_common import tiny_gpt2
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 from test_trl import word_tokenizer

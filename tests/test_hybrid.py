@@ -1,17 +1,15 @@
-"""Hybrid mode (`lora_r > 0`): a sparse delta plus a low-rank pair in one SPEFT adapter, against a dense reference."""
+"""Hybrid mode (`lora_r > 0`): a sparse delta plus a low-rank pair in one SPEFT adapter. The generic checks (dense
+reference, merging, saving, training) run on the "hybrid" case of the matrix in test_peft_generic.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, build, inputs_for, logits
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from testing_common import MODELS, build, inputs_for
+from peft import get_peft_model
 
 from hf_speft import SparsePeftConfig, calibrate, sparse_layers
 from hf_speft.salience.context import logical_weight
-
-HYBRID_MODELS = ["llama", "gpt2-conv1d"]
 
 
 def hybrid_model(name: str, **kwargs):
@@ -20,20 +18,6 @@ def hybrid_model(name: str, **kwargs):
                    salience="magnitude", init_weights=False)
     options.update(kwargs)
     return get_peft_model(build(name), SparsePeftConfig(**options))
-
-
-def dense_reference(name: str, model, adapter: str = "default"):
-    """The base model with the adapter's sparse entries and scaling·B·A added to its dense weights."""
-    reference = build(name)
-    for module_name, layer in sparse_layers(model, adapter).items():
-        weight = reference.get_submodule(module_name.removeprefix("base_model.model.")).weight
-        delta = torch.zeros(layer.out_features * layer.in_features)
-        indices, values = layer.delta_entries(adapter)
-        delta[indices] = values
-        delta = delta.view(layer.out_features, layer.in_features)
-        delta += layer.speft_lora_B[adapter].detach() @ layer.speft_lora_A[adapter].detach() * 2.0  # alpha 4 / r 2
-        weight.data += delta.t() if layer.fan_in_fan_out else delta
-    return reference
 
 
 def test_hybrid_budget_is_split_exactly_between_the_mask_and_the_low_rank_pair():
@@ -49,70 +33,12 @@ def test_hybrid_budget_is_split_exactly_between_the_mask_and_the_low_rank_pair()
     assert config.budget_split(shapes) == (total - low_rank, low_rank)
 
 
-@pytest.mark.parametrize("name", HYBRID_MODELS)
-def test_hybrid_forward_matches_the_dense_reference(name):
-    batch = inputs_for(name)
-    model = hybrid_model(name)
-    torch.testing.assert_close(logits(model, batch), logits(dense_reference(name, model), batch))
-
-
-@pytest.mark.parametrize("name", HYBRID_MODELS)
-def test_hybrid_merge_equals_adapter_output_and_unmerge_restores_the_base(name):
-    batch = inputs_for(name)
-    model = hybrid_model(name)
-    expected = logits(model, batch)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=1e-5)
-    model.unmerge_adapter()
-    base = build(name).state_dict()
-    for key, value in model.unload().state_dict().items():
-        torch.testing.assert_close(value, base[key], atol=1e-6, rtol=0)
-
-
-def test_hybrid_merge_and_unload_matches_the_adapter():
-    batch = inputs_for("llama")
-    model = hybrid_model("llama")
-    expected = logits(model, batch)
-    merged = model.merge_and_unload(safe_merge=True)
-    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
-
-
 def test_hybrid_safe_merge_catches_a_broken_low_rank_part():
     model = hybrid_model("llama")
     with torch.no_grad():
         next(iter(sparse_layers(model).values())).speft_lora_B["default"][0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaNs detected"):
         model.merge_and_unload(safe_merge=True)
-
-
-def test_hybrid_save_load_round_trip(tmp_path):
-    batch = inputs_for("llama")
-    model = hybrid_model("llama")
-    expected = logits(model, batch)
-    model.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert any(key.endswith("speft_lora_A") for key in saved) and any(key.endswith("speft_lora_B") for key in saved)
-    loaded = PeftModel.from_pretrained(build("llama"), tmp_path)
-    assert loaded.peft_config["default"].lora_r == 2
-    torch.testing.assert_close(logits(loaded, batch), expected)
-
-
-def test_hybrid_training_updates_only_the_sparse_values_and_the_low_rank_pair():
-    model = hybrid_model("llama", init_weights=True)
-    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = inputs_for("llama")
-    losses = []
-    for _ in range(10):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
-    assert changed and all(".speft_values." in n or ".speft_lora_" in n for n in changed)
-    assert any(".speft_lora_B." in n for n in changed) and any(".speft_values." in n for n in changed)
 
 
 def test_hybrid_salience_scores_the_weight_with_the_low_rank_part_present():

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from testing_common import tiny_llama
 from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
 
 from hf_speft import SparsePeftConfig, calibrate, save_mixed_adapter, sparse_layers

@@ -1,5 +1,6 @@
 """peft's generic tuner tests, run against SPEFT: the bodies of peft's `tests/testing_common.py` (`PeftCommonTester`)
-as `tests/test_custom_models.py` drives them, with our configs. Each case is (config name, model name).
+as `tests/test_custom_models.py` drives them, over the config cases × models of `testing_common` (`CASES`, plus
+`QUANTIZED_CASES` where a check applies to 8-bit bases).
 
 What peft's bodies check that SPEFT once failed: every `low_cpu_mem_usage=True` load path (meta-device placeholders),
 a config with only `target_modules`, trainable parameters with 0 elements under global masks, and loading that ran
@@ -10,37 +11,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
-from conftest import MODELS, build, inputs_for, logits, tiny_llama
+from testing_common import (CASES, CONFIGS, MODELS, QUANTIZED_CASES, SPARSE_ONLY_CASES, TRANSFORMERS_CASES, base_for,
+                            build, dense_reference, inputs_for, logits, make_config, make_model, tiny_llama,
+                            with_case_state)
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, inject_adapter_in_model
 
 import hf_speft
-from hf_speft import SparsePeftConfig, sparse_layers
+from hf_speft import SparsePeftConfig, SparsePeftLayer, sparse_layers
 
-# Our configs, in peft's (name, kwargs) form; every one is data-free, so get_peft_model returns a trainable adapter.
-CONFIGS = {
-    "defaults": {},  # target_modules alone (the budget defaults to a rank-8 LoRA's)
-    "global-tight": {"num_params": 40, "mask_scope": "global"},  # a budget that once left layers with no entry
-    "local": {"density": 0.05, "mask_scope": "local"},
-    "random": {"density": 0.05, "salience": "random"},
-    "hybrid": {"match_lora_rank": 4, "lora_r": 1},
-    "fold": {"density": 0.05, "fold_weights": True},
-}
-CASES = [(config, model) for config in CONFIGS for model in MODELS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_config(config_name: str, model_name: str, **overrides) -> SparsePeftConfig:
-    _, targets, to_save = MODELS[model_name]
-    kwargs = {"target_modules": targets, "modules_to_save": to_save, "salience": "magnitude",
-              **CONFIGS[config_name], **overrides}
-    return SparsePeftConfig(**kwargs)
-
-
-def make_model(config_name: str, model_name: str, **overrides):
-    return get_peft_model(build(model_name), make_config(config_name, model_name, **overrides))
 
 
 def trainable_steps(model, model_name: str, steps: int = 3, lr: float = 0.1) -> None:
@@ -56,7 +39,7 @@ def trainable_steps(model, model_name: str, steps: int = 3, lr: float = 0.1) -> 
     model.eval()
 
 
-@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+@pytest.mark.parametrize(("config_name", "model_name"), CASES + QUANTIZED_CASES)
 def test_only_params_are_updated(config_name, model_name):
     """peft `test_only_params_are_updated`: every adapter parameter changes in training, nothing else does."""
     model = make_model(config_name, model_name, init_weights=False)
@@ -64,7 +47,7 @@ def test_only_params_are_updated(config_name, model_name):
     assert all(param.numel() > 0 for name, param in model.named_parameters() if param.requires_grad)
     trainable_steps(model, model_name)
     # fold_weights keeps the delta written into the base weight while training; state_dict() restores the base.
-    after = model.state_dict(keep_vars=True) if CONFIGS[config_name].get("fold_weights") else dict(
+    after = model.state_dict(keep_vars=True) if CONFIGS.get(config_name, {}).get("fold_weights") else dict(
         model.named_parameters())
     for name, value in before.items():
         if "speft_" in name or "modules_to_save" in name:
@@ -73,7 +56,7 @@ def test_only_params_are_updated(config_name, model_name):
             assert torch.equal(value, after[name].detach()), f"{name} changed"
 
 
-@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+@pytest.mark.parametrize(("config_name", "model_name"), CASES + QUANTIZED_CASES)
 def test_parameters_after_loading_model(config_name, model_name, tmp_path):
     """peft `test_parameters_after_loading_model`: a trained adapter reloads to the same tensors and outputs."""
     model = make_model(config_name, model_name)
@@ -81,7 +64,7 @@ def test_parameters_after_loading_model(config_name, model_name, tmp_path):
     batch = inputs_for(model_name, seed=9)
     expected = logits(model, batch)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(build(model_name), tmp_path).eval()
+    loaded = PeftModel.from_pretrained(base_for(config_name, model_name), tmp_path).eval()
     torch.testing.assert_close(logits(loaded, batch), expected)
     saved = {name: value for name, value in model.state_dict().items() if "speft_" in name}
     reloaded = loaded.state_dict()
@@ -97,7 +80,7 @@ def test_load_model_low_cpu_mem_usage(config_name, model_name, dtype, autocast_a
     leave no meta tensor and give the adapter's outputs; `inject_adapter_in_model` leaves meta placeholders."""
     model = get_peft_model(build(model_name).to(dtype), make_config(config_name, model_name, init_weights=False),
                            autocast_adapter_dtype=autocast_adapter_dtype)
-    model.save_pretrained(tmp_path)
+    with_case_state(model, config_name).save_pretrained(tmp_path)
     batch = inputs_for(model_name, seed=9)
     if "X" in batch:
         batch["X"] = batch["X"].to(dtype)
@@ -174,6 +157,7 @@ def test_a_loaded_config_injected_without_a_checkpoint_asks_for_calibration(tmp_
 def test_forward_half_precision(config_name, model_name, dtype):
     """peft `test_forward_float16` / `test_forward_bfloat16`: a half-precision base runs and gives finite outputs."""
     model = get_peft_model(build(model_name).to(dtype), make_config(config_name, model_name, init_weights=False))
+    with_case_state(model, config_name)
     batch = inputs_for(model_name)
     if "X" in batch:
         batch["X"] = batch["X"].to(dtype)
@@ -214,7 +198,7 @@ def test_delete_inactive_adapter_and_unload(config_name, model_name):
         assert torch.equal(unloaded.state_dict()[name], value), name
 
 
-@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+@pytest.mark.parametrize(("config_name", "model_name"), CASES + QUANTIZED_CASES)
 def test_mixed_adapter_batch_matches_each_row_alone(config_name, model_name):
     """peft `test_mixed_adapter_batches`: with `adapter_names=` every row goes through its own adapter (or none, for
     `"__base__"`), exactly as when that row runs alone with its adapter set."""
@@ -235,3 +219,178 @@ def test_mixed_adapter_batch_matches_each_row_alone(config_name, model_name):
         torch.testing.assert_close(mixed[row:row + 1], expected, atol=1e-5, rtol=1e-5)
     model.set_adapter("default")
     assert not torch.allclose(mixed[1], logits(model, inputs)[1], atol=1e-4)  # "other" really differs there
+
+
+# ------------------------------------------------------------------ the tuner's own checks, over the same matrix
+@pytest.mark.parametrize(("config_name", "model_name"), CASES + QUANTIZED_CASES)
+def test_forward_matches_the_dense_reference(config_name, model_name):
+    """The adapter's output equals the base with its whole delta (mask, residual, low-rank part) added densely."""
+    model = make_model(config_name, model_name, init_weights=False).eval()
+    batch = inputs_for(model_name)
+    tolerance = dict(atol=5e-2, rtol=5e-2) if config_name == "8bit" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, batch), logits(dense_reference(model), batch), **tolerance)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_identity_at_init_and_nonzero_init_changes_output(config_name, model_name):
+    batch = inputs_for(model_name)
+    expected = logits(build(model_name), batch)
+    torch.testing.assert_close(logits(make_model(config_name, model_name), batch), expected, rtol=0, atol=0)
+    changed = logits(make_model(config_name, model_name, init_weights=False), batch)
+    assert not torch.allclose(changed, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_trainable_count_matches_the_budget(config_name, model_name):
+    model = make_model(config_name, model_name)
+    layers = sparse_layers(model)
+    shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
+    nnz = sum(layer.speft_values["default"].numel() for layer in layers.values())
+    low_rank = sum(p.numel() for n, p in model.named_parameters() if "speft_lora_" in n)
+    assert nnz + low_rank == model.peft_config["default"].total_budget(shapes)
+    assert all(layer.speft_values["default"].numel() >= 1 for layer in layers.values())
+    trainable, _ = model.get_nb_trainable_parameters()
+    extra = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "speft_" not in n)
+    assert trainable == nnz + low_rank + extra
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_pickle_and_deepcopy(config_name, model_name):
+    config = make_config(config_name, model_name)
+    assert pickle.loads(pickle.dumps(config)) == config
+    batch = inputs_for(model_name)
+    model = make_model(config_name, model_name, init_weights=False)
+    expected = logits(model, batch)
+    torch.testing.assert_close(logits(pickle.loads(pickle.dumps(model)), batch), expected)
+    torch.testing.assert_close(logits(copy.deepcopy(model), batch), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_merge_equals_unmerged_output(config_name, model_name, dtype):
+    batch = inputs_for(model_name)
+    model = make_model(config_name, model_name, init_weights=False).to(dtype)
+    if "X" in batch:
+        batch["X"] = batch["X"].to(dtype)
+    unmerged = logits(model, batch)
+    model.merge_adapter()
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]
+    torch.testing.assert_close(logits(model, batch), unmerged, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_merge_is_idempotent_and_unmerge_restores_the_base(config_name, model_name):
+    """Unmerge writes the replaced entries back (bit for bit); a low-rank part is subtracted, as LoRA's is."""
+    base_state = {k: v.clone() for k, v in build(model_name).state_dict().items()}
+    model = make_model(config_name, model_name, init_weights=False)
+    model.merge_adapter()
+    once = {k: v.clone() for k, v in model.base_model.model.state_dict().items()}
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+    assert all(torch.equal(v, model.base_model.model.state_dict()[k]) for k, v in once.items())
+    model.unmerge_adapter()
+    unloaded = model.unload().state_dict()
+    exact = not CONFIGS[config_name].get("lora_r")
+    for key, value in base_state.items():
+        if exact:
+            assert torch.equal(unloaded[key], value), key
+        else:
+            torch.testing.assert_close(unloaded[key], value, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_merge_and_unload_matches_the_adapter(config_name, model_name):
+    batch = inputs_for(model_name)
+    model = make_model(config_name, model_name, init_weights=False)
+    expected = logits(model, batch)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(module, SparsePeftLayer) for module in merged.modules())
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), SPARSE_ONLY_CASES)
+def test_merged_weights_differ_only_at_the_delta_entries(config_name, model_name):
+    base = build(model_name)
+    model = make_model(config_name, model_name, init_weights=False)
+    entries = {name.removeprefix("base_model.model."): layer.storage_positions(layer.delta_entries("default")[0])
+               for name, layer in sparse_layers(model).items()}
+    merged = model.merge_and_unload()
+    changed_count = 0
+    for name, positions in entries.items():
+        before = base.get_submodule(name).weight.detach().reshape(-1)
+        changed = torch.nonzero(merged.get_submodule(name).weight.detach().reshape(-1) != before).flatten()
+        assert set(changed.tolist()) <= set(positions.tolist())
+        changed_count += changed.numel()
+    assert changed_count > 0
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_safe_merge_catches_nan(config_name, model_name):
+    model = make_model(config_name, model_name, init_weights=False)
+    layer = next(iter(sparse_layers(model).values()))
+    with torch.no_grad():
+        layer.speft_values["default"][0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        model.merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_disable_adapter_gives_the_base_output(config_name, model_name):
+    batch = inputs_for(model_name)
+    expected = logits(build(model_name), batch)
+    model = make_model(config_name, model_name, init_weights=False, modules_to_save=None)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)
+    assert not torch.allclose(logits(model, batch), expected)
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), CASES)
+def test_two_adapters_switch_merge_and_delete(config_name, model_name):
+    batch = inputs_for(model_name)
+    model = make_model(config_name, model_name, init_weights=False, modules_to_save=None)
+    first = logits(model, batch)
+    model.add_adapter("other", make_config(config_name, model_name, init_weights=False, seed=3, salience="random",
+                                           modules_to_save=None))
+    assert logits(model, batch).equal(first)  # adding does not activate
+    model.set_adapter("other")
+    second = logits(model, batch)
+    assert not torch.allclose(first, second)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".other") for n in trainable)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, batch), first)
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["other"])
+    torch.testing.assert_close(logits(merged, batch), second, atol=1e-5, rtol=1e-5)
+    model.delete_adapter("default")
+    assert model.active_adapters == ["other"]
+    torch.testing.assert_close(logits(model, batch), second)
+    assert all("default" not in layer.speft_values for layer in sparse_layers(model).values())
+
+
+@pytest.mark.parametrize(("config_name", "model_name"), TRANSFORMERS_CASES)
+def test_no_grad_and_gradient_checkpointing(config_name, model_name):
+    batch = inputs_for(model_name)
+    model = make_model(config_name, model_name, init_weights=False)
+    with torch.no_grad():
+        expected = logits(model, batch)
+    model.train()
+    model(**batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    model.zero_grad()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model(**batch).loss.backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+    model.eval()
+    torch.testing.assert_close(logits(model, batch), expected)
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", None])
+def test_all_linear_and_architecture_default_targets(target_modules):
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=target_modules, density=0.05,
+                                                          salience="magnitude"))
+    names = {name.rsplit(".", 1)[-1] for name in sparse_layers(model)}
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert names == (expected if target_modules == "all-linear" else {"q_proj", "v_proj"})

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import inputs_for, logits, tiny_llama
+from testing_common import inputs_for, logits, tiny_llama
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType

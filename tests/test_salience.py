@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from testing_common import tiny_llama
 from peft import get_peft_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

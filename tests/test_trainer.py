@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama
+from testing_common import tiny_llama
 from peft import PeftModel
 from trainer_helpers import base_model, counting_dataset, speft_model, speft_trainer, step_losses, training_args
 from transformers import Trainer, default_data_collator

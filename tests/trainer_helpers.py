@@ -8,7 +8,7 @@ from peft import get_peft_model
 from transformers import TrainingArguments, default_data_collator
 
 import hf_speft
-from conftest import tiny_llama
+from testing_common import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"]
 
