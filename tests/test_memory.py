@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-import hf_speft
+from hf_speft.methods import method_peft_config
 from hf_speft import estimate_memory, sparse_layers
 from hf_speft.cli import main as cli_main
 from hf_speft.ops import SparsePattern
@@ -31,12 +31,9 @@ def trained_one_step(method: str, config: LlamaConfig):
     """A real tiny model of `method` after one AdamW step, and its optimizer."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    elif method in ("speft", "speft+lora"):
-        hybrid = {"lora_r": 4} if method == "speft+lora" else {}
-        model = get_peft_model(model, hf_speft.SparsePeftConfig(target_modules="all-linear", match_lora_rank=8,
-                                                                 salience="magnitude", **hybrid))
+    peft_config = method_peft_config(method, target_modules="all-linear", lora_r=8, salience="magnitude")
+    if peft_config is not None:  # the method's adapter at LoRA r=8's budget, as estimate_memory builds it
+        model = get_peft_model(model, peft_config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(0, config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -91,3 +91,15 @@ def test_benchmark_tables_match_the_results():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_command_line_parser_loads_no_training_or_plotting_code():
+    """`hf-speft --help` costs what `import hf_speft` costs (registering with peft imports peft): the commands import
+    their heavy dependencies only when they run."""
+    code = ("import sys; from hf_speft.cli import build_parser; text = build_parser().format_help(); "
+            "print(sorted(m for m in ('trl', 'transformers.trainer', 'datasets', 'matplotlib', 'deepspeed') "
+            "if m in sys.modules)); print(all(c in text for c in ('inspect', 'merge', 'compose', 'salience', 'plot', "
+            "'estimate')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
+

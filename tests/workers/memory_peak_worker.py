@@ -8,10 +8,10 @@ import json
 import sys
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import hf_speft
+from hf_speft.methods import method_peft_config
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, vocab_size=8192, max_position_embeddings=512)
@@ -27,12 +27,9 @@ def main(method: str, checkpointing: bool) -> None:
     model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), attn_implementation="sdpa")
     if checkpointing:
         model.activation_checkpointing_enable()
-    if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    elif method in ("speft", "speft+lora"):
-        hybrid = {"lora_r": 4} if method == "speft+lora" else {}
-        model = get_peft_model(model, hf_speft.SparsePeftConfig(target_modules="all-linear", match_lora_rank=8,
-                                                                 salience="magnitude", **hybrid))
+    peft_config = method_peft_config(method, target_modules="all-linear", lora_r=8, salience="magnitude")
+    if peft_config is not None:  # the method's adapter at LoRA r=8's budget, as estimate_memory builds it
+        model = get_peft_model(model, peft_config)
     if checkpointing and method != "full":
         model.enable_input_require_grads()
     model.train()
