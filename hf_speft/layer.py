@@ -176,7 +176,8 @@ class SparsePeftLayer(BaseTunerLayer):
         lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
         return (lora_b.detach().float() @ lora_a.detach().float()) * self.speft_lora_scaling[adapter_name]
 
-    def _low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The hybrid low-rank part's contribution to the output for input `x` (dropout, B·A, scaling)."""
         lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
         x = self.speft_lora_dropout[adapter_name](x.to(lora_a.dtype))
         return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.speft_lora_scaling[adapter_name]
@@ -536,7 +537,7 @@ class Linear(nn.Module, SparsePeftLayer):
             residual = self.speft_residual_values[adapter_name]
             result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True))
         if adapter_name in self.speft_lora_A:
-            result = result + self._low_rank_output(adapter_name, x).to(result.dtype)
+            result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):

@@ -182,7 +182,7 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
 
         def forward(x, *args, layer=layer, values=values, **kwargs):
             out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(), add_delta=False)
-            return out + layer._low_rank_output("default", x) if "default" in layer.speft_lora_A else out
+            return out + layer.low_rank_output("default", x) if "default" in layer.speft_lora_A else out
 
         layer.forward = forward
     return peft_model
