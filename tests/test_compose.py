@@ -244,6 +244,12 @@ def test_hot_swap_refusals_leave_the_model_unchanged(tmp_path):
         model.activate_adapter("default")
     assert not any(layer.merged for layer in sparse_layers(model).values())
     model = two_adapter_model()
+    layer = next(iter(sparse_layers(model).values()))
+    layer.get_base_layer().weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match="quantized or sharded"):
+        model.activate_adapter("math")
+    del layer.get_base_layer().weight.ds_id
+    assert not any(layer.merged for layer in sparse_layers(model).values())
     model.add_adapter("hybrid", adapter_config(4, density=None, match_lora_rank=4, lora_r=1))
     model.add_adapter("uncalibrated", adapter_config(5, salience="gradient"))
     original = base_weights(model)
