@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import tempfile
 
+import hf_speft  # noqa: F401  (first: registers SPEFT with peft and quiets bitsandbytes' import notice)
 import torch
 from peft import get_peft_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import hf_speft  # noqa: F401  (registers SPEFT with peft)
 from hf_speft import SparsePeftConfig, SparsePeftLayer, sparse_layers
 
 
