@@ -39,9 +39,17 @@ TARGETS = ["q_proj", "v_proj"]
         ({"density": 0.1, "reset_optimizer": "none"}, "reset_optimizer='none'"),
         ({"density": 0.1, "target_modules": ".*proj", "layers_to_transform": [0]}, "layers_to_transform"),
         ({"density": 0.1, "layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),
+        ({"density": 0.1, "salience_groups": 0}, "salience_groups=0 is not allowed; it must be a positive integer"),
+        ({"density": 0.1, "salience": "grasp", "salience_groups": 2}, "salience='grasp' scores all layers together"),
+        ({"density": 0.1, "salience": "force", "salience_groups": 2}, "salience='force' scores all layers together"),
+        ({"match_lora_rank": 4, "lora_r": -1}, "lora_r=-1 must be a non-negative integer"),
+        ({"match_lora_rank": 4, "lora_r": 2, "lora_alpha": 0}, "lora_alpha=0 must be a positive number"),
+        ({"match_lora_rank": 4, "lora_r": 2, "lora_dropout": 1.0}, "lora_dropout=1.0 must satisfy"),
+        ({"match_lora_rank": 4, "lora_r": 2, "fold_weights": True}, "cannot be combined with lora_r"),
     ],
 )
 def test_bad_config_fields(kwargs, message):
+    """Every config field's refusal, in one table (budgets, salience, dynamic masks, hybrid mode)."""
     with pytest.raises(ValueError, match=message):
         SparsePeftConfig(**kwargs)
 

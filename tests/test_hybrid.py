@@ -70,20 +70,6 @@ def test_deleting_a_hybrid_adapter_removes_its_low_rank_pair():
         assert "default" not in layer.speft_lora_A and "default" not in layer.speft_lora_scaling
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (dict(lora_r=-1), "lora_r=-1 must be a non-negative integer"),
-        (dict(lora_r=2, lora_alpha=0), "lora_alpha=0 must be a positive number"),
-        (dict(lora_r=2, lora_dropout=1.0), "lora_dropout=1.0 must satisfy"),
-        (dict(lora_r=2, fold_weights=True), "cannot be combined with lora_r"),
-    ],
-)
-def test_bad_hybrid_options_are_refused(options, message):
-    with pytest.raises(ValueError, match=message):
-        SparsePeftConfig(target_modules=["q_proj"], match_lora_rank=4, **options)
-
-
 def test_a_low_rank_part_that_takes_the_whole_budget_is_refused():
     with pytest.raises(ValueError, match=r"The sparse part gets 0 trainable weights .* lora_r=4\), but every one of "
                                          r"the 14 targeted layers"):

@@ -340,14 +340,6 @@ def test_grouped_salience_reads_each_batch_once():
     assert len(reads) == 1
 
 
-def test_salience_groups_config_errors():
-    with pytest.raises(ValueError, match="salience_groups=0 is not allowed; it must be a positive integer"):
-        SparsePeftConfig(target_modules=TARGETS, density=0.1, salience_groups=0)
-    for measure in ("grasp", "force"):
-        with pytest.raises(ValueError, match=f"salience='{measure}' scores all layers together"):
-            SparsePeftConfig(target_modules=TARGETS, density=0.1, salience=measure, salience_groups=2)
-
-
 def padded_batches(num=2, batch=5, length=7, seed=3):
     """Causal-LM batches whose rows hold different numbers of label tokens (-100 on a random right padding)."""
     g = torch.Generator().manual_seed(seed)
