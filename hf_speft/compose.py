@@ -12,11 +12,15 @@ adapter trained rather than to all out×in weights, which are mostly exact zeros
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
+
+if TYPE_CHECKING:
+    from .config import SparsePeftConfig
 
 COMBINATION_TYPES = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -102,3 +106,27 @@ def keep_largest(deltas: dict[str, Entries], budget: int) -> dict[str, Entries]:
         mine = chosen[owner == i]
         kept[name] = (deltas[name][0][mine], deltas[name][1][mine])
     return kept
+
+
+def compose_modules(deltas: dict[str, Sequence[Entries]], weights: Sequence[float], combination_type: str = "linear",
+                    density: Optional[float] = None, majority_sign_method: str = "total",
+                    budget: Optional[int] = None, seed: int = 0) -> dict[str, Entries]:
+    """Module name -> its composed delta, for module name -> the adapters' deltas (in adapter order). Modules are
+    composed in sorted name order with one generator seeded by `seed`, so a model and its saved folders compose alike;
+    `budget` then keeps the largest entries (`keep_largest`)."""
+    generator = torch.Generator().manual_seed(seed)
+    composed = {name: compose_entries(deltas[name], weights, combination_type, density, majority_sign_method,
+                                      generator) for name in sorted(deltas)}
+    return composed if budget is None else keep_largest(composed, budget)
+
+
+def composed_config(config: SparsePeftConfig, composed: dict[str, Entries]) -> SparsePeftConfig:
+    """A copy of the first adapter's `config` that describes the composed adapter: its budget is exactly its entries,
+    its mask static, and its masks come with it (no salience runs when it is injected)."""
+    config = copy.deepcopy(config)
+    config.density = config.match_lora_rank = None
+    config.num_params = sum(indices.numel() for indices, _ in composed.values())
+    config.mask_update = "static"
+    config._masks_supplied = True  # not a field: never saved
+    return config
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from torch import nn
 
 from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
 from .config import SparsePeftConfig
-from .compose import check_combination, compose_entries, keep_largest
+from .compose import check_combination, compose_modules, composed_config
 from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
 from .masks import SparseMasks
 
@@ -201,21 +200,13 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 difference = sorted(layers[name] ^ layers[first])[:3]
                 raise ValueError(f"Adapters {first!r} and {name!r} target different modules (e.g. {difference}); "
                                  "only adapters on the same targets compose.")
-        generator = torch.Generator().manual_seed(seed)
-        composed = {}
-        for module_name, layer in sorted(sparse_layers(self.model, first).items()):
+        deltas = {}
+        for module_name, layer in sparse_layers(self.model, first).items():
             for name in adapters:
                 layer.check_calibrated(name)
-            composed[module_name] = compose_entries([layer.delta_entries(name) for name in adapters], weights,
-                                                    combination_type, density, majority_sign_method, generator)
-        if budget is not None:
-            composed = keep_largest(composed, budget)
-        config = copy.deepcopy(self.peft_config[first])
-        config.density = config.match_lora_rank = None
-        config.num_params = sum(indices.numel() for indices, _ in composed.values())
-        config.mask_update = "static"
-        config._masks_supplied = True  # not a field: never saved
-        self.peft_config[adapter_name] = config
+            deltas[module_name] = [layer.delta_entries(name) for name in adapters]
+        composed = compose_modules(deltas, weights, combination_type, density, majority_sign_method, budget, seed)
+        self.peft_config[adapter_name] = composed_config(self.peft_config[first], composed)
         self.inject_adapter(self.model, adapter_name)
         for module_name, layer in sparse_layers(self.model, adapter_name).items():
             indices, values = composed[module_name]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..compose import COMBINATION_TYPES, MAJORITY_SIGN_METHODS, check_combination, compose_entries, keep_largest
+from ..compose import (COMBINATION_TYPES, MAJORITY_SIGN_METHODS, check_combination, compose_modules,
+                       composed_config)
 from .common import CliError, speft_deltas, staged_folder
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from ..checkpoint import ModuleDelta, write_weights
     from ..config import SparsePeftConfig
 
@@ -31,16 +30,9 @@ def run(args: argparse.Namespace) -> None:
                                {name for name in shapes if shapes[name] != first[name].shape})
             raise CliError(f"{first_path!r} and {path!r} adapt different modules or shapes (e.g. {different[:3]}); "
                            "only adapters on the same targets of the same base compose.")
-    generator = torch.Generator().manual_seed(args.seed)
-    composed = {name: compose_entries([deltas[name].all_entries() for _, deltas in read], weights, args.combination,
-                                      args.density, args.majority_sign_method, generator)
-                for name in sorted(first)}
-    if args.budget is not None:
-        composed = keep_largest(composed, args.budget)
-    config = SparsePeftConfig.from_pretrained(first_path)
-    config.density = config.match_lora_rank = None
-    config.num_params = sum(indices.numel() for indices, _ in composed.values())
-    config.mask_update = "static"
+    composed = compose_modules({name: [deltas[name].all_entries() for _, deltas in read] for name in first}, weights,
+                               args.combination, args.density, args.majority_sign_method, args.budget, args.seed)
+    config = composed_config(SparsePeftConfig.from_pretrained(first_path), composed)
     values_dtype = next(iter(first.values())).values.dtype
     with staged_folder(args.out) as staging:
         write_weights(staging, {name: ModuleDelta(first[name].shape, indices, values)
