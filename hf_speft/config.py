@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registry import SPEFT_PEFT_TYPE
+from .kernels import KERNELS
+from .kernels.choice import check_kernel
 from .measures import available_measures, measure_info
 
 MASK_SCOPES = ("global", "local")
@@ -141,6 +143,11 @@ class SparsePeftConfig(PeftConfig):
     )
     lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator of the hybrid low-rank part."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the hybrid low-rank part's input."})
+    kernel: str = field(
+        default="auto",
+        metadata={"help": f"Sparse kernel strategy, one of {KERNELS}; 'auto' measures and keeps the fastest per "
+                          "shape."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -182,6 +189,7 @@ class SparsePeftConfig(PeftConfig):
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
         self._validate_low_rank()
+        check_kernel(self.kernel)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
