@@ -70,5 +70,5 @@ def save_mixed_adapter(model: Any, adapter_name: str, save_directory: str) -> No
     config = model.peft_config[adapter_name]
     if config.base_model_name_or_path is None:
         base_config = getattr(model.base_model.model, "config", None)
-        config.base_model_name_or_path = getattr(base_config, "_name_or_path", None)
+        config.base_model_name_or_path = getattr(base_config, "name_or_path", None)
     config.save_pretrained(save_directory)
