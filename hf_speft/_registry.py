@@ -1,35 +1,21 @@
 """Registration of SPEFT with peft: a `PeftType.SPEFT` member and the peft method mappings.
 
 peft's `PeftType` is a closed `str` enum and `register_peft_method` only accepts its members, so the member is added
-here the way `enum` itself builds members (name == value, so the string "SPEFT" and the member are the same dict
-key). Both steps are idempotent: importing or reloading `hf_speft` again leaves one consistent registration.
+by `integrations.compat.extend_peft_type`. Both steps are idempotent: importing or reloading `hf_speft` again leaves
+one consistent registration.
 """
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType, register_peft_method
+from peft.utils.peft_types import register_peft_method
+
+from .integrations.compat import extend_peft_type
 
 METHOD_NAME = "speft"
 PREFIX = "speft_"
 
 
-def _extend_peft_type(name: str) -> PeftType:
-    """Return `PeftType[name]`, adding the member first if peft does not have it."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-SPEFT_PEFT_TYPE = _extend_peft_type(METHOD_NAME.upper())
+SPEFT_PEFT_TYPE = extend_peft_type(METHOD_NAME.upper())
 
 
 def register_sparse_peft(config_cls: type, model_cls: type) -> None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .integrations.compat import BufferDict, in_out_features, is_partitioned
 from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
         isinstance(weight, torch.Tensor)
         and weight.dtype.is_floating_point
         and type(weight) in (torch.Tensor, nn.Parameter)
-        and not hasattr(weight, "ds_id")
+        and not is_partitioned(weight)
         and weight.numel() > 0
     )
 
@@ -58,7 +58,7 @@ def dense_weight(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
         from .integrations.bnb import dequantized_weight
 
         return dequantized_weight(base_layer)
-    from .integrations.deepspeed import gathered, is_partitioned
+    from .integrations.deepspeed import gathered
 
     weight = base_layer.weight
     with gathered([weight]):  # ZeRO-3: one layer's weight at a time, copied before it is partitioned again
@@ -127,7 +127,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
         self.speft_salience: dict[str, str] = {}
         self.speft_fold_weights: dict[str, bool] = {}
         self.speft_kernel: dict[str, str] = {}

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .integrations.compat import set_attention_name
 from .methods import METHODS, SPEFT_METHODS, method_peft_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,7 +148,7 @@ def _meta_model(config, dtype: torch.dtype, num_layers: Optional[int] = None) ->
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
-    model.config._attn_implementation = _FLASH_LIKE  # see _flash_like_attention
+    set_attention_name(model, _FLASH_LIKE)  # see _flash_like_attention
     return model
 
 

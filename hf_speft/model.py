@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -12,12 +11,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import AuxiliaryTrainingWrapper, _freeze_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
+from .integrations.compat import is_partitioned, rebind_peft_model_methods
 from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
 from .masks import SparseMasks
 
@@ -42,32 +42,21 @@ def uncalibrated_budgets(peft_model: nn.Module) -> dict[str, int]:
 
 
 def adapt_peft_model() -> None:
-    """Two `PeftModel` methods made SPEFT-aware (idempotent; models without SPEFT adapters are unaffected):
+    """Two `PeftModel` methods made SPEFT-aware by `integrations.compat.rebind_peft_model_methods` (peft calls no tuner
+    hook there; idempotent; for models without SPEFT adapters they are peft's own):
 
     - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
       uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
       weights calibration will train.
     """
-    if getattr(PeftModel.save_pretrained, "_speft_adapted", False):
-        return
-    save, show = PeftModel.save_pretrained, PeftModel.print_trainable_parameters
-    signature = inspect.signature(save)
-
-    @functools.wraps(save)
-    def save_pretrained(self, *args: Any, **kwargs: Any):
-        check_saveable(self, signature.bind(self, *args, **kwargs).arguments.get("selected_adapters"))
-        return save(self, *args, **kwargs)
-
-    @functools.wraps(show)
-    def print_trainable_parameters(self) -> None:
-        show(self)
-        for name, budget in uncalibrated_budgets(self).items():
-            print(f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights once "
-                  "`hf_speft.calibrate` (or SpeftTrainer) runs")
-
-    save_pretrained._speft_adapted = True
-    PeftModel.save_pretrained, PeftModel.print_trainable_parameters = save_pretrained, print_trainable_parameters
+    rebind_peft_model_methods(
+        applies=lambda model: isinstance(getattr(model, "base_model", None), SparseMasks),
+        check_save=check_saveable,
+        notes=lambda model: [f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights "
+                             "once `hf_speft.calibrate` (or SpeftTrainer) runs"
+                             for name, budget in uncalibrated_budgets(model).items()],
+    )
 
 
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -131,8 +120,6 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft upcasts half-precision adapter weights to float32. On a DeepSpeed ZeRO-3 partitioned base they keep
         the base dtype instead: ZeRO-3 gathers parameters in one dtype, and mixed fp32/bf16 parameters break it."""
-        from .integrations.deepspeed import is_partitioned
-
         layers = sparse_layers(self.model, adapter_name).values()
         if any(is_partitioned(layer.get_base_layer().weight) for layer in layers):
             autocast_adapter_dtype = False
@@ -212,7 +199,9 @@ class SparsePeftModel(SparseMasks, BaseTuner):
             indices, values = composed[module_name]
             dtype = layer.speft_values[first].dtype
             layer.set_mask(adapter_name, indices, values=values.to(dtype))
-        _freeze_adapter(self.model, adapter_name)
+        for name, parameter in self.model.named_parameters():  # frozen like peft's: modules_to_save copies too
+            if adapter_name in name.split("."):
+                parameter.requires_grad_(False)
 
     def activate_adapter(self, adapter_name: Optional[str]) -> None:
         """O(nnz) hot-swap for inference: write `adapter_name`'s sparse delta into the base weights in place (None or
@@ -293,7 +282,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         if len(model.peft_config) > 1:
             model.delete_adapter(adapter_name)
             return
-        model.base_model._unload_and_optionally_merge(merge=False)
+        model.base_model.unload()
         model.peft_config.pop(adapter_name, None)
 
     @staticmethod

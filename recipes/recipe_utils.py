@@ -81,11 +81,11 @@ def check_model_and_targets(model_name_or_path: str, peft_config: Any, auto_clas
         raise ValueError(f"Cannot load the model {model_name_or_path!r}: {str(error).splitlines()[0]}") from None
     if peft_config is None or peft_config.target_modules in (None, "all-linear"):
         return
-    from transformers.models.auto.auto_factory import _get_model_class
+    from hf_speft.integrations.compat import model_class
 
     # The model class itself, not `from_config`, which under DeepSpeed ZeRO-3 would partition the empty weights.
     with init_empty_weights():
-        model = _get_model_class(config, auto_class._model_mapping)(config)
+        model = model_class(auto_class, config)(config)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
     targets = {name: module for name, module in layers.items() if check_target_module_exists(peft_config, name)}
     if not targets:

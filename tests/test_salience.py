@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from testing_common import tiny_llama
+from testing_common import tiny_gpt2, tiny_llama
 from peft import get_peft_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -384,6 +384,77 @@ def test_micro_batches_of_a_classifier_weight_rows():
     whole = compute_salience(model, data, num_batches=2, target_modules=TARGETS, show_progress=False)
     split = compute_salience(model, data, num_batches=2, target_modules=TARGETS, show_progress=False,
                              micro_batch_size=2)
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-8, rtol=1e-4)
+
+
+def whole_and_micro_batch_scores(model_factory, targets, data=None):
+    """Gradient scores of the same batches, whole and in micro-batches of 2 rows."""
+    data = padded_batches() if data is None else data
+    scores = []
+    for micro_batch_size in (None, 2):
+        torch.manual_seed(0)
+        scores.append(compute_salience(model_factory().eval(), data, num_batches=2, target_modules=targets,
+                                       show_progress=False, micro_batch_size=micro_batch_size))
+    return scores
+
+
+def renamed_loss_type(model):
+    model.loss_type = "ForCausalLMRenamed"  # a name transformers' LOSS_MAPPING does not hold
+    return model
+
+
+@pytest.mark.parametrize("model_factory, targets", [
+    (tiny_gpt2, ["c_attn", "c_proj"]),  # GPT2LMHeadModel: loss_type None, transformers falls back to ForCausalLMLoss
+    (lambda: renamed_loss_type(tiny_llama()), TARGETS),
+])
+def test_micro_batches_weigh_a_causal_lm_whatever_its_loss_type_is_called(model_factory, targets):
+    whole, split = whole_and_micro_batch_scores(model_factory, targets)
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-8, rtol=1e-4)
+
+
+def test_micro_batches_refuse_a_loss_they_do_not_know(monkeypatch):
+    """A loss function transformers renamed or added: how it counts label tokens is unknown, so micro-batches are
+    refused before any backward pass (whole batches still work: they need no count)."""
+    from transformers.loss import loss_utils
+
+    def renamed_causal_lm_loss(*args, **kwargs):
+        return loss_utils.ForCausalLMLoss(*args, **kwargs)
+
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", renamed_causal_lm_loss)
+    with pytest.raises(ValueError, match="its loss 'renamed_causal_lm_loss' \\(loss_type 'ForCausalLM'\\) is not one "
+                                         "hf_speft knows .*shift_labels"):
+        whole_and_micro_batch_scores(tiny_llama, TARGETS)
+    compute_salience(tiny_llama(), padded_batches(), num_batches=1, target_modules=TARGETS, show_progress=False)
+
+
+def test_micro_batches_refuse_an_unknown_loss_type_of_a_model_that_does_not_generate():
+    from transformers import LlamaConfig, LlamaForTokenClassification
+
+    def token_classifier():
+        model = LlamaForTokenClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        num_key_value_heads=2, num_labels=64))
+        model.loss_type = "ForTokenClassificationRenamed"
+        return model
+
+    with pytest.raises(ValueError, match="LlamaForTokenClassification: its loss_type 'ForTokenClassificationRenamed' "
+                                         "is unknown"):
+        compute_salience(token_classifier(), padded_batches(), target_modules=TARGETS, show_progress=False,
+                         micro_batch_size=2)
+
+
+def test_micro_batches_of_shift_labels_need_no_loss_lookup(monkeypatch):
+    """Batches that carry `shift_labels` are counted from them: even an unknown loss is weighted right."""
+    from transformers.loss import loss_utils
+
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", lambda *a, **k: loss_utils.ForCausalLMLoss(*a, **k))
+    data = []
+    for batch in padded_batches():
+        labels = batch["labels"]
+        data.append({**batch, "shift_labels": torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)})
+    whole, split = whole_and_micro_batch_scores(tiny_llama, TARGETS, data)
     for name, value in whole.items():
         torch.testing.assert_close(split[name], value, atol=1e-8, rtol=1e-4)
 

@@ -8,18 +8,19 @@ imported when a quantized base is met.
 `bitsandbytes.functional.dequantize_4bit` reads. On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit`'s
 weight for its own CPU kernel the first time it runs in inference (`quant_state.packing_format_for_cpu`): nibbles
 reordered in 32-row blocks, absmax transposed to bf16. Every read here goes through bitsandbytes' own conversion back
-to the standard layout, on a copy, so the layer itself is never changed by a read.
+to the standard layout, on a copy, so the layer itself is never changed by a read (`compat.standard_layout_copy`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from .compat import is_cpu_packed, standard_layout_copy
 
 
 OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -36,29 +37,6 @@ def quiet_optional_kernel_notice() -> None:
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if _is_not_optional_kernel_notice not in logger.filters:
         logger.addFilter(_is_not_optional_kernel_notice)
-
-
-def is_cpu_packed(weight: torch.Tensor) -> bool:
-    """True for a 4-bit weight in bitsandbytes' packed CPU layout (see the module docstring)."""
-    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
-
-
-def standard_layout_copy(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """(data, quant_state) of a packed 4-bit weight converted to the standard layout, leaving `weight` untouched.
-
-    The packed state holds the absmax already unnested and rounded to bf16, which is what the packed kernel computes
-    with: it is kept exactly (transposed back to one scale per block), not re-nested as bitsandbytes' own inverse
-    does, so the copy dequantizes to the weight the layer really uses.
-    """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    packed_state = weight.quant_state
-    state = copy.copy(packed_state)
-    state.original_nested = False  # keep the exact unnested absmax instead of quantizing it again
-    data, state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), state)
-    state.absmax = packed_state.absmax.t().reshape(-1).float().contiguous()
-    state.dtype = getattr(packed_state, "original_dtype", torch.float32)
-    return data, state
 
 
 def dequantized_weight(base_layer: nn.Module) -> torch.Tensor:

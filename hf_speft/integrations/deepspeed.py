@@ -13,10 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-
-def is_partitioned(parameter: torch.Tensor) -> bool:
-    """True for a parameter managed by ZeRO-3 (it carries a `ds_id`)."""
-    return hasattr(parameter, "ds_id")
+from .compat import is_partitioned
 
 
 @contextlib.contextmanager

@@ -3,9 +3,10 @@ LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA adapters on the same base.
 
 peft's `MixedModel` lists the tuners it accepts in module-level tuples and dispatches on config types, so a method
 registered with `is_mixed_compatible=True` is still refused there. `enable_mixed_adapters` (run on `import hf_speft`,
-idempotent) adds SPEFT to those lists and makes `PeftMixedModel` build `SpeftMixedModel`, a `MixedModel` that also
-creates SPEFT layers and owns their masks (`SparseMasks`), so `calibrate`, `SpeftTrainer` and `MaskUpdater` work on a
-mixed model as on a plain SPEFT one. peft cannot save mixed models; `save_mixed_adapter` writes one adapter of one
+idempotent; `compat.enable_mixed_tuner`) adds SPEFT to those lists and makes `PeftMixedModel` build
+`SpeftMixedModel`, a `MixedModel` that also creates SPEFT layers and owns their masks (`SparseMasks`), so
+`calibrate`, `SpeftTrainer` and `MaskUpdater` work on a mixed model as on a plain SPEFT one. peft cannot save mixed
+models; `save_mixed_adapter` writes one adapter of one
 as `save_pretrained` would, loadable with `PeftModel.from_pretrained` or `PeftMixedModel.load_adapter`.
 """
 
@@ -15,6 +16,7 @@ import os
 from typing import Any
 
 from peft.tuners.mixed import model as mixed
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -23,6 +25,7 @@ from ..config import SparsePeftConfig
 from ..layer import SparsePeftLayer
 from ..masks import SparseMasks
 from ..model import SparsePeftModel
+from .compat import enable_mixed_tuner
 
 
 class SpeftMixedModel(SparseMasks, mixed.MixedModel):
@@ -30,7 +33,7 @@ class SpeftMixedModel(SparseMasks, mixed.MixedModel):
 
     def _check_new_adapter_config(self, config: Any) -> None:
         if isinstance(config, SparsePeftConfig):
-            return mixed.BaseTuner._check_new_adapter_config(self, config)
+            return BaseTuner._check_new_adapter_config(self, config)
         return super()._check_new_adapter_config(config)
 
     def _create_and_replace(self, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -51,18 +54,8 @@ class SpeftMixedModel(SparseMasks, mixed.MixedModel):
 
 
 def enable_mixed_adapters() -> None:
-    """Let peft's mixed models hold SPEFT adapters (safe to call again)."""
-    import peft.mixed_model
-    import peft.tuners.mixed
-
-    if SPEFT_PEFT_TYPE not in mixed.COMPATIBLE_TUNER_TYPES:
-        compatible = (*mixed.COMPATIBLE_TUNER_TYPES, SPEFT_PEFT_TYPE)
-        mixed.COMPATIBLE_TUNER_TYPES = peft.tuners.mixed.COMPATIBLE_TUNER_TYPES = compatible
-    if PREFIX not in mixed.PREFIXES:
-        mixed.PREFIXES.append(PREFIX)  # which parameters are adapter weights (trainable, not unloaded)
-    if SparsePeftLayer not in mixed.Layers:
-        mixed.Layers = (*mixed.Layers, SparsePeftLayer)  # set_adapter and bias handling visit these layers
-    peft.mixed_model.MixedModel = SpeftMixedModel
+    """Let peft's mixed models hold SPEFT adapters (safe to call again; see `compat.enable_mixed_tuner`)."""
+    enable_mixed_tuner(SPEFT_PEFT_TYPE, PREFIX, SparsePeftLayer, SpeftMixedModel)
 
 
 def save_mixed_adapter(model: Any, adapter_name: str, save_directory: str) -> None:
@@ -77,5 +70,5 @@ def save_mixed_adapter(model: Any, adapter_name: str, save_directory: str) -> No
     config = model.peft_config[adapter_name]
     if config.base_model_name_or_path is None:
         base_config = getattr(model.base_model.model, "config", None)
-        config.base_model_name_or_path = getattr(base_config, "_name_or_path", None)
+        config.base_model_name_or_path = getattr(base_config, "name_or_path", None)
     config.save_pretrained(save_directory)

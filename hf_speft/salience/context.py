@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..config import check_positive_int
+from ..integrations.compat import in_out_features
 from ..layer import SparsePeftLayer, dense_weight
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class SalienceContext:
 
     def shape(self, name: str) -> tuple[int, int]:
         """(out_features, in_features) of one target."""
-        in_features, out_features = _get_in_out_features(_base(self.layers[name]))
+        in_features, out_features = in_out_features(_base(self.layers[name]))
         return out_features, in_features
 
 

@@ -4,7 +4,9 @@ Micro-batches bound the activation memory of a salience pass by `micro_batch_siz
 batch size. Each term is its micro-batch's mean loss times the micro-batch's share of the batch's loss items, so the
 terms add up to the batch's mean loss exactly: the items are label tokens for token-level labels (`-100` ignored and,
 for causal LMs, the first position of every row too, which their loss shifts away — the rule `transformers.Trainer`
-counts `num_items_in_batch` by) and rows for per-example labels (classification, regression).
+counts `num_items_in_batch` by) and rows for per-example labels (classification, regression). Whether a model's loss
+shifts is `compat.loss_shifts_labels`, which refuses a loss it does not know rather than weight micro-batches wrongly;
+batches that carry `shift_labels` need no such lookup.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from ..integrations.compat import loss_shifts_labels
 
 IGNORE_INDEX = -100
 
@@ -75,7 +79,7 @@ def _loss_items_per_row(model: nn.Module, batch: Any, rows: int) -> torch.Tensor
     labels = batch.get("shift_labels") if isinstance(batch, Mapping) else None
     if labels is None:
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if isinstance(labels, torch.Tensor) and _is_token_level(labels) and _loss_shifts_labels(model):
+        if isinstance(labels, torch.Tensor) and _is_token_level(labels) and loss_shifts_labels(model):
             labels = labels[..., 1:]
     if not isinstance(labels, torch.Tensor) or not _is_token_level(labels):
         return torch.ones(rows, dtype=torch.float64)
@@ -85,13 +89,3 @@ def _loss_items_per_row(model: nn.Module, batch: Any, rows: int) -> torch.Tensor
 def _is_token_level(labels: torch.Tensor) -> bool:
     """Integer labels with more than one dimension: one class index per token (multi-label targets are floats)."""
     return labels.dim() > 1 and not labels.is_floating_point()
-
-
-def _loss_shifts_labels(model: nn.Module) -> bool:
-    """Whether the model's loss is the causal-LM loss, which drops each row's first label (transformers' test)."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    return LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss and not getattr(
-        config, "is_encoder_decoder", False)

@@ -15,6 +15,7 @@ from transformers import Trainer
 from ..checkpoint import ADAPTER_WEIGHTS
 from ..config import SparsePeftConfig
 from ..hub import update_model_card
+from ..integrations.compat import calibration_dataloader
 from ..masks import speft_tuner
 from .callback import SpeftCallback
 from .updater import MaskUpdater
@@ -122,13 +123,7 @@ class SpeftTrainerMixin:
         dataset = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
         if dataset is None:
             raise ValueError("SPEFT salience needs data: pass `train_dataset` or `calibration_dataset` to the trainer.")
-        return self._get_dataloader(
-            dataset=dataset,
-            description="Calibration",
-            batch_size=self._train_batch_size,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
+        return calibration_dataloader(self, dataset)
 
     def train(self, resume_from_checkpoint: Optional[str | bool] = None, *args: Any, **kwargs: Any):
         """`Trainer.train`, calibrating the adapter first unless a checkpoint (which holds the mask) is resumed."""
