@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -41,11 +42,26 @@ def uncalibrated_budgets(peft_model: nn.Module) -> dict[str, int]:
             and any(name in layer.speft_uncalibrated for layer in sparse_layers(tuner.model, name).values())}
 
 
+def write_model_cards(peft_model: nn.Module, save_directory: str, adapter_names: Optional[list[str]] = None) -> None:
+    """After `peft_model.save_pretrained(save_directory)`: the SPEFT section of each saved SPEFT adapter's model card,
+    from the model in memory (peft's layout: the "default" adapter in `save_directory`, the others in subfolders)."""
+    from .hub import model_summary, update_model_card
+
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, SparseMasks):
+        return
+    for name in adapter_names or list(tuner.peft_config):
+        if isinstance(tuner.peft_config.get(name), SparsePeftConfig):
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            update_model_card(folder, summary=model_summary(peft_model, name, folder))
+
+
 def adapt_peft_model() -> None:
     """Two `PeftModel` methods made SPEFT-aware (idempotent; models without SPEFT adapters are unaffected):
 
     - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
       uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
+    - it also writes the SPEFT section of the model card, from the model in memory (`write_model_cards`).
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
       weights calibration will train.
     """
@@ -56,8 +72,14 @@ def adapt_peft_model() -> None:
 
     @functools.wraps(save)
     def save_pretrained(self, *args: Any, **kwargs: Any):
-        check_saveable(self, signature.bind(self, *args, **kwargs).arguments.get("selected_adapters"))
-        return save(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs)
+        arguments.apply_defaults()
+        selected = arguments.arguments["selected_adapters"]
+        check_saveable(self, selected)
+        result = save(self, *args, **kwargs)
+        if arguments.arguments["is_main_process"]:
+            write_model_cards(self, arguments.arguments["save_directory"], selected)
+        return result
 
     @functools.wraps(show)
     def print_trainable_parameters(self) -> None:
@@ -120,6 +142,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     ) -> None:
         """Wrap the targets and check the budget fits them, then build the mask right away when the configured salience
         measure needs no data."""
+        self.check_injectable(adapter_name)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
