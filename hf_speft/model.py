@@ -275,11 +275,6 @@ class SparsePeftModel(SparseMasks, BaseTuner):
             raise ValueError(f"{unknown} are not SPEFT adapters of this model; it has {sorted(self.peft_config)}.")
         return names
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        for layer in sparse_layers(self.model).values():
-            layer.restore_base_weight()
-        return super()._unload_and_optionally_merge(*args, **kwargs)
-
     # ------------------------------------------------------------------ saving and loading (peft#3490 hooks)
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
