@@ -127,6 +127,6 @@ def composed_config(config: SparsePeftConfig, composed: dict[str, Entries]) -> S
     config.density = config.match_lora_rank = None
     config.num_params = sum(indices.numel() for indices, _ in composed.values())
     config.mask_update = "static"
-    config._masks_supplied = True  # not a field: never saved
+    config.saved_masks = True
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -78,6 +79,11 @@ class SparsePeftConfig(PeftConfig):
             the low-rank part takes exactly Σ lora_r·(m+n) weights, the sparse mask gets the rest. 0: sparse only.
         lora_alpha: Scaling numerator of the low-rank part (its output is scaled by `lora_alpha / lora_r`).
         lora_dropout: Dropout on the low-rank part's input.
+        saved_masks: True in a saved adapter's config (every saved config says so; `from_pretrained` sets it for
+            older files too) and in a composed one: the masks come with the checkpoint, so injecting the config
+            builds none and needs no salience measure. Injected without a checkpoint, such an adapter stays
+            uncalibrated until `hf_speft.calibrate` (or `SpeftTrainer`) builds its masks. False (a new config):
+            injection builds the masks of a data-free measure right away.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -148,6 +154,11 @@ class SparsePeftConfig(PeftConfig):
         metadata={"help": f"Sparse kernel strategy, one of {KERNELS}; 'auto' measures and keeps the fastest per "
                           "shape."},
     )
+    saved_masks: bool = field(
+        default=False,
+        metadata={"help": "True in a saved adapter's config: its checkpoint holds the masks, so injecting it builds "
+                          "none (no salience runs)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,24 +174,14 @@ class SparsePeftConfig(PeftConfig):
         self._validate_budget()
         if self.mask_scope not in MASK_SCOPES:
             raise ValueError(f"mask_scope={self.mask_scope!r} is not allowed; use one of {MASK_SCOPES}.")
-        measures = available_measures()
-        if self.salience not in measures:
-            raise ValueError(
-                f"salience={self.salience!r} is not a registered measure; use one of {sorted(measures)} "
-                "(custom measures must be registered with hf_speft.register_salience before the config is built "
-                "or loaded)."
-            )
+        if not isinstance(self.salience, str) or not self.salience:
+            raise ValueError(f"salience={self.salience!r} must be the name of a salience measure.")
         check_positive_int("salience_batches", self.salience_batches)
         if self.salience_dtype not in SALIENCE_DTYPES:
             raise ValueError(f"salience_dtype={self.salience_dtype!r} is not allowed; use one of {SALIENCE_DTYPES}.")
         check_positive_int("salience_groups", self.salience_groups)
         check_positive_int("salience_micro_batch_size", self.salience_micro_batch_size, "rows per micro-batch",
                            allow_none=True)
-        if self.salience_groups > 1 and measure_info(self.salience).couples_layers:
-            raise ValueError(
-                f"salience={self.salience!r} scores all layers together, so salience_groups must be 1 (got "
-                f"{self.salience_groups}); measures that score each layer alone can be grouped."
-            )
         if self.mask_update not in MASK_UPDATES:
             raise ValueError(f"mask_update={self.mask_update!r} is not allowed; use one of {MASK_UPDATES}.")
         check_positive_int("update_interval", self.update_interval, "optimizer steps")
@@ -191,30 +192,43 @@ class SparsePeftConfig(PeftConfig):
         self._validate_low_rank()
         check_kernel(self.kernel)
 
+    def check_salience(self) -> None:
+        """A one-line ValueError unless `salience` names a registered measure that suits `salience_groups`.
+
+        Checked where a mask is built (injecting a config without saved masks, `calibrate`, dynamic updates), not
+        when a config is built or loaded: a saved adapter's masks come with it, so it loads in a process that never
+        registered the measure it was trained with."""
+        measures = available_measures()
+        if self.salience not in measures:
+            raise ValueError(
+                f"salience={self.salience!r} is not a registered measure; use one of {sorted(measures)} "
+                "(custom measures must be registered with hf_speft.register_salience before a mask is built)."
+            )
+        if self.salience_groups > 1 and measure_info(self.salience).couples_layers:
+            raise ValueError(
+                f"salience={self.salience!r} scores all layers together, so salience_groups must be 1 (got "
+                f"{self.salience_groups}); measures that score each layer alone can be grouped."
+            )
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """peft's loader (used by `PeftModel.from_pretrained`, `load_adapter` and `AutoPeftModel*`). The config it
-        returns describes saved masks: the adapter it is next injected with builds no mask (no salience work), since
-        the checkpoint that peft loads next holds them. Injected without a checkpoint, that adapter stays uncalibrated
-        until `hf_speft.calibrate` runs."""
+        """peft's loader (used by `PeftModel.from_pretrained` and `load_adapter`). The config it returns has
+        `saved_masks=True` (also for files saved before that field existed): injecting it builds no mask."""
         from .checkpoint import check_readable
 
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):  # a damaged weights file is refused before peft changes the model
             check_readable(folder)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config._masks_supplied = True  # not a field: never saved
+        config.saved_masks = True
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """peft's config save; next to saved adapter weights (peft writes them first) it also adds the SPEFT section
-        to the folder's model card (README.md)."""
-        super().save_pretrained(save_directory, **kwargs)
-        from .checkpoint import ADAPTER_WEIGHTS
-        from .hub import update_model_card
-
-        if os.path.isfile(os.path.join(save_directory, ADAPTER_WEIGHTS)):
-            update_model_card(save_directory)
+        """peft's config save, with `saved_masks=True` in the file (a config is saved with its adapter's masks; the
+        config in memory is left as it is)."""
+        saved = copy.copy(self)
+        saved.saved_masks = True
+        super(SparsePeftConfig, saved).save_pretrained(save_directory, **kwargs)
 
     def _validate_budget(self) -> None:
         given = {

@@ -1,7 +1,8 @@
 """What a saved SPEFT adapter holds (`AdapterSummary`, read from its folder alone) and the model card built from it.
 
-peft writes a generic card in `save_pretrained`; `SparsePeftConfig.save_pretrained` (the last thing peft writes)
-calls `update_model_card`, which adds the SPEFT tags and sections to it. So `save_pretrained`, the Trainer's
+peft writes a generic card in `save_pretrained`; once peft has saved, `PeftModel.save_pretrained` (made SPEFT-aware
+by `hf_speft.model.adapt_peft_model`) adds the SPEFT tags and sections to it with `update_model_card`, from the model
+in memory (`model_summary`: the file just written is not read back). So `save_pretrained`, the Trainer's
 checkpoints and `push_to_hub` (this module's, and the Trainer's) carry the card, and `hf-speft inspect` reads the same
 summary. (peft's own `model.push_to_hub` uploads the adapter but replaces README.md with transformers' generic card,
 for every peft method; `hf_speft.push_to_hub` keeps ours.)
@@ -20,8 +21,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CorruptAdapterError, ModuleDelta, file_deltas,
-                         read_weights)
+from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError,
+                         ModuleDelta, file_deltas, read_weights)
 
 CARD_START, CARD_END = "<!-- hf-speft card start -->", "<!-- hf-speft card end -->"
 TRAINING_START, TRAINING_END = "<!-- hf-speft training start -->", "<!-- hf-speft training end -->"
@@ -145,6 +146,35 @@ def summarize_adapter(path: str, folder: Optional[AdapterFolder] = None) -> Adap
                           values_bytes_per_entry=_DTYPE_BYTES.get(values_dtype, 4))
 
 
+def model_summary(peft_model: Any, adapter_name: str, path: str) -> AdapterSummary:
+    """The `AdapterSummary` of `adapter_name` as `peft_model.save_pretrained` just saved it to `path`, built from the
+    model and its config in memory (the adapter file is not read back; only its size is looked up)."""
+    from .layer import sparse_layers
+
+    config = peft_model.peft_config[adapter_name]
+    modules, dtypes = [], {}
+    for name, layer in sparse_layers(peft_model, adapter_name).items():
+        tensors = {attribute: getattr(layer, attribute)[adapter_name] for attribute in
+                   (*MASK_ATTRIBUTES, *RESIDUAL_ATTRIBUTES, "speft_lora_A", "speft_lora_B")
+                   if adapter_name in getattr(layer, attribute)}
+        dtypes.update({attribute: _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
+                       for attribute, tensor in tensors.items()})
+        residual = tensors.get("speft_residual_indices")
+        modules.append(ModuleSummary(name.removeprefix("base_model.model."), (layer.out_features, layer.in_features),
+                                     tensors["speft_indices"].numel(), 0 if residual is None else residual.numel()))
+    saved = json.loads(json.dumps({**config.to_dict(), "saved_masks": True}, default=_json_default))
+    return AdapterSummary(path=path, config=saved, modules=sorted(modules, key=lambda m: _natural(m.name)),
+                          dtypes=dtypes, file_bytes=os.path.getsize(os.path.join(path, ADAPTER_WEIGHTS)),
+                          values_bytes_per_entry=_DTYPE_BYTES.get(dtypes.get("speft_values", "F32"), 4))
+
+
+def _json_default(value: Any) -> Any:
+    """The JSON form peft writes for config values that JSON lacks (sets of module names, enums)."""
+    if isinstance(value, set):
+        return sorted(value)
+    return getattr(value, "value", str(value))
+
+
 def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -219,14 +249,15 @@ def card_section(summary: AdapterSummary, repo_id: Optional[str] = None) -> str:
 
 
 def update_model_card(path: str, repo_id: Optional[str] = None, training: Optional[dict[str, Any]] = None,
-                      base_model: Optional[str] = None) -> ModelCard:
+                      base_model: Optional[str] = None, summary: Optional[AdapterSummary] = None) -> ModelCard:
     """Add (or refresh) the SPEFT metadata and section of the README.md in an adapter folder and return the card.
 
     `base_model` overrides the config's `base_model_name_or_path`; a local path is not written as `base_model`
     metadata (the Hub rejects it), only into the text. `training` (e.g. steps, losses, metrics, data) fills a separate
-    block that later saves without it leave as it is.
+    block that later saves without it leave as it is. `summary` describes the adapter (default: read from the folder;
+    a save passes `model_summary`, so it never reads back the file it wrote).
     """
-    summary = summarize_adapter(path)
+    summary = summary or summarize_adapter(path)
     if base_model:
         summary.config["base_model_name_or_path"] = base_model
     readme = os.path.join(path, "README.md")

@@ -96,14 +96,26 @@ def _restore_base_hook(module: SparsePeftLayer, *args: Any) -> None:
     module.restore_base_weight()
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(entries: torch.Tensor) -> torch.Tensor:
+    """An exact fingerprint of float entries (their bit patterns summed as integers; a 0-dim tensor, so computing it
+    needs no device sync): a write to them changes it."""
+    return entries.view(_BITS[entries.element_size()]).sum(dtype=torch.int64)
+
+
 @dataclass
 class _FoldedDelta:
-    """An adapter whose delta is currently written into the base weight, and the entries it replaced."""
+    """An adapter whose delta is currently written into the base weight, the entries it replaced, the fingerprint of
+    the entries written, and whether a re-fold found them changed by a write from outside (`tampered`)."""
 
     adapter: str
     positions: torch.Tensor
     original: torch.Tensor
     values_version: tuple[int, int]
+    written: torch.Tensor
+    tampered: torch.Tensor
 
 
 class SparsePeftLayer(BaseTunerLayer):
@@ -114,6 +126,7 @@ class SparsePeftLayer(BaseTunerLayer):
                          "speft_lora_scaling", "speft_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self._folded: Optional[_FoldedDelta] = None
         self.base_layer = base_layer
         self.speft_values = nn.ParameterDict({})
         self.speft_indices = BufferDict({}, persistent=True)
@@ -134,7 +147,6 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated: set[str] = set()
         self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
         self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor] | _QuantizedOriginal] = {}
-        self._folded: Optional[_FoldedDelta] = None
 
     # ----------------------------------------------------------------- adapter state
     def update_layer(self, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
@@ -202,7 +214,6 @@ class SparsePeftLayer(BaseTunerLayer):
         self._check_indices(adapter_name, indices)
         if values is not None and values.shape != indices.shape:
             raise ValueError(f"Got {values.numel()} values for {indices.numel()} mask indices of {adapter_name!r}.")
-        self.restore_base_weight()
         weight = self.get_base_layer().weight
         device = weight.device
         if values is None:
@@ -240,7 +251,7 @@ class SparsePeftLayer(BaseTunerLayer):
             raise ValueError(
                 f"A mask update keeps the count of {adapter_name!r} ({old_indices.numel()}); got {indices.numel()}."
             )
-        self.restore_base_weight()
+        self.restore_base_weight()  # a folded delta sits at the old mask's positions
         values = self.speft_values[adapter_name]
         all_indices, all_values = self.delta_entries(adapter_name)
         order = torch.argsort(all_indices)
@@ -309,15 +320,16 @@ class SparsePeftLayer(BaseTunerLayer):
         self._patterns.pop(("residual", adapter_name), None)
         self.speft_uncalibrated.discard(adapter_name)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        self.restore_base_weight()
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.restore_base_weight()
-        super().enable_adapters(enabled)
-
     # ----------------------------------------------------------------- weight access
+    def get_base_layer(self) -> nn.Module:
+        """The base layer with its own weight: a delta folded into it (`fold_weights`) is restored first.
+
+        The one way to the base weight (peft's `weight` property, merging, unloading and this class use it; state
+        dicts restore it too), so nothing reads or writes a folded weight by mistake; only the forward pass computes
+        with it (`_base_output`)."""
+        self.restore_base_weight()
+        return super().get_base_layer()
+
     def calibrated_active_adapters(self) -> list[str]:
         """The active adapters of this layer that have a mask (uncalibrated ones contribute nothing yet)."""
         return [name for name in self.active_adapters
@@ -326,7 +338,6 @@ class SparsePeftLayer(BaseTunerLayer):
     def effective_weight(self) -> torch.Tensor:
         """The (out_features, in_features) float32 weight this layer computes with: the base plus its unmerged,
         calibrated active deltas (a dense copy when a delta is added or the base is quantized or sharded)."""
-        self.restore_base_weight()
         weight = dense_weight(self.get_base_layer(), self.fan_in_fan_out)
         deltas = [] if self.merged or self.disable_adapters else self.calibrated_active_adapters()
         if not deltas:
@@ -342,10 +353,13 @@ class SparsePeftLayer(BaseTunerLayer):
         return weight
 
     def _flat_weight(self) -> torch.Tensor:
-        weight = self.get_base_layer().weight
-        if not base_weight_is_writable(self.get_base_layer()) or not weight.is_contiguous():
+        """The base weight's storage as it is (folded or not: for the fold itself and for merges, which unfold
+        first)."""
+        base_layer = BaseTunerLayer.get_base_layer(self)
+        weight = base_layer.weight
+        if not base_weight_is_writable(base_layer) or not weight.is_contiguous():
             raise ValueError(
-                f"Cannot write the sparse delta into the base weight of {type(self.get_base_layer()).__name__}: it is "
+                f"Cannot write the sparse delta into the base weight of {type(base_layer).__name__}: it is "
                 "quantized, sharded or not contiguous."
             )
         return weight.data.view(-1)
@@ -395,7 +409,7 @@ class SparsePeftLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self.restore_base_weight()
+        self.get_base_layer()  # unfolds
         for adapter_name in adapter_names:
             if adapter_name not in self.speft_values:
                 continue
@@ -470,19 +484,33 @@ class SparsePeftLayer(BaseTunerLayer):
             folded = None
         indices, all_values = self.delta_entries(adapter_name)
         flat = self._flat_weight()
-        positions = self.storage_positions(indices) if folded is None else folded.positions
         with torch.no_grad():
-            original = flat[positions] if folded is None else folded.original
-            flat[positions] = original + all_values.to(flat.dtype)
-        self._folded = _FoldedDelta(adapter_name, positions, original, version)
+            if folded is None:
+                positions = self.storage_positions(indices)
+                original, tampered = flat[positions], torch.zeros((), dtype=torch.bool, device=flat.device)
+            else:
+                positions, original = folded.positions, folded.original
+                tampered = folded.tampered | (_fingerprint(flat[positions]) != folded.written)
+            written = original + all_values.to(flat.dtype)
+            flat[positions] = written
+        self._folded = _FoldedDelta(adapter_name, positions, original, version, _fingerprint(written), tampered)
 
     def restore_base_weight(self) -> None:
-        """Restore the base weight if a delta is folded into it (`fold_weights`); a no-op otherwise. Anyone reading
-        or writing the base weight directly calls this first."""
-        if self._folded is None:
+        """Restore the base weight if a delta is folded into it (`fold_weights`); a no-op otherwise (`get_base_layer`
+        calls it). A RuntimeError if the folded entries were written from outside meanwhile (through
+        `base_layer.weight` directly): restoring would overwrite that write, keeping it would keep the delta."""
+        folded = self._folded
+        if folded is None:
             return
+        flat = self._flat_weight()
+        if bool(folded.tampered | (_fingerprint(flat[folded.positions]) != folded.written)):
+            raise RuntimeError(
+                f"The base weight of this {type(self).__name__} was written while adapter {folded.adapter!r}'s delta "
+                "was folded into it (fold_weights=True), so the two can no longer be told apart; write base weights "
+                "through layer.get_base_layer(), which restores them first."
+            )
         with torch.no_grad():
-            self._flat_weight()[self._folded.positions] = self._folded.original
+            flat[folded.positions] = folded.original
         self._folded = None
 
 
@@ -505,10 +533,9 @@ class Linear(nn.Module, SparsePeftLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            self.restore_base_weight()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_output(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_output(x, *args, **kwargs)
         if torch.is_grad_enabled() and self.training:  # training an adapter without a mask would train nothing
             for name in self.active_adapters:
                 if name in self.speft_values:
@@ -520,16 +547,21 @@ class Linear(nn.Module, SparsePeftLayer):
                 f"fold_weights=True supports one active adapter, but {active} are active; set one adapter active "
                 "or use fold_weights=False."
             )
-        if fold:
-            self._fold(fold[0])
-        else:
-            self.restore_base_weight()
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_output(x, *args, fold=fold[0] if fold else None, **kwargs)
         for name in active:
             if fold and not (self.speft_values[name].requires_grad and torch.is_grad_enabled()):
                 continue
             result = self._with_delta(name, x, result, folded=bool(fold))
         return result
+
+    def _base_output(self, x: torch.Tensor, *args: Any, fold: Optional[str] = None, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output, with adapter `fold`'s delta folded into its weight (`fold_weights`), else with its
+        own weight. The only place the folded weight is used: every other access goes through `get_base_layer`."""
+        if fold is None:
+            self.restore_base_weight()
+        else:
+            self._fold(fold)
+        return self.base_layer(x, *args, **kwargs)
 
     def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, folded: bool = False):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank

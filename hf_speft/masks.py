@@ -31,12 +31,18 @@ class SparseMasks:
     adapters beside other kinds): budgets, installing calibrated masks, dynamic updates. Needs `model` and
     `peft_config`."""
 
-    def build_data_free_masks(self, adapter_name: str) -> None:
-        """Build the adapter's mask right away when its configured salience measure needs no data, unless its masks
-        are supplied another way: its config was read from a saved adapter (`SparsePeftConfig.from_pretrained`: the
-        checkpoint holds them) or it is being composed (`add_weighted_adapter`). Those do no salience work."""
+    def check_injectable(self, adapter_name: str) -> None:
+        """Before an injection changes the model: the measure that will build the adapter's masks is registered
+        (`SparsePeftConfig.check_salience`); a config with `saved_masks` needs none."""
         config = self.peft_config[adapter_name]
-        if config.__dict__.pop("_masks_supplied", False):
+        if not config.saved_masks:
+            config.check_salience()
+
+    def build_data_free_masks(self, adapter_name: str) -> None:
+        """Build the adapter's mask right away when its configured salience measure needs no data, unless its config
+        has `saved_masks` (a saved or composed adapter, whose masks come with it: no salience work)."""
+        config = self.peft_config[adapter_name]
+        if config.saved_masks:
             return
         if get_measure(config.salience).data_free:
             self.install_masks(adapter_name, select_adapter_masks(self, adapter_name))
@@ -107,6 +113,7 @@ def adapter_salience_groups(
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"No SPEFT adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
+    config.check_salience()
     ctx = SalienceContext(
         layers=sparse_layers(tuner.model, adapter_name),
         budget=tuner.adapter_budget(adapter_name),

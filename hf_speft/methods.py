@@ -43,5 +43,7 @@ def method_peft_config(method: str, *, target_modules: Any, lora_r: int = 8, lor
     if method == "speft+lora":
         hybrid_r = hybrid_r or hybrid_lora_r(lora_r)
         hybrid = dict(lora_r=hybrid_r, lora_alpha=lora_alpha * hybrid_r / lora_r, lora_dropout=lora_dropout)
-    return SparsePeftConfig(target_modules=target_modules, task_type=task_type,
-                            **(budget or {"match_lora_rank": lora_r}), **hybrid, **speft_options)
+    config = SparsePeftConfig(target_modules=target_modules, task_type=task_type,
+                              **(budget or {"match_lora_rank": lora_r}), **hybrid, **speft_options)
+    config.check_salience()  # it is built to train: its measure will build the mask
+    return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -41,18 +42,34 @@ def uncalibrated_budgets(peft_model: nn.Module) -> dict[str, int]:
             and any(name in layer.speft_uncalibrated for layer in sparse_layers(tuner.model, name).values())}
 
 
+def write_model_cards(peft_model: nn.Module, save_directory: str, adapter_names: Optional[list[str]] = None) -> None:
+    """After `peft_model.save_pretrained(save_directory)`: the SPEFT section of each saved SPEFT adapter's model card,
+    from the model in memory (peft's layout: the "default" adapter in `save_directory`, the others in subfolders)."""
+    from .hub import model_summary, update_model_card
+
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, SparseMasks):
+        return
+    for name in adapter_names or list(tuner.peft_config):
+        if isinstance(tuner.peft_config.get(name), SparsePeftConfig):
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            update_model_card(folder, summary=model_summary(peft_model, name, folder))
+
+
 def adapt_peft_model() -> None:
     """Two `PeftModel` methods made SPEFT-aware by `integrations.compat.rebind_peft_model_methods` (peft calls no tuner
     hook there; idempotent; for models without SPEFT adapters they are peft's own):
 
     - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
       uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
+    - it also writes the SPEFT section of the model card, from the model in memory (`write_model_cards`).
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
       weights calibration will train.
     """
     rebind_peft_model_methods(
         applies=lambda model: isinstance(getattr(model, "base_model", None), SparseMasks),
         check_save=check_saveable,
+        after_save=write_model_cards,
         notes=lambda model: [f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights "
                              "once `hf_speft.calibrate` (or SpeftTrainer) runs"
                              for name, budget in uncalibrated_budgets(model).items()],
@@ -109,6 +126,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     ) -> None:
         """Wrap the targets and check the budget fits them, then build the mask right away when the configured salience
         measure needs no data."""
+        self.check_injectable(adapter_name)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
@@ -240,11 +258,6 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         if unknown:
             raise ValueError(f"{unknown} are not SPEFT adapters of this model; it has {sorted(self.peft_config)}.")
         return names
-
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        for layer in sparse_layers(self.model).values():
-            layer.restore_base_weight()
-        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # ------------------------------------------------------------------ saving and loading (peft#3490 hooks)
     @classmethod

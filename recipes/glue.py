@@ -34,8 +34,8 @@ from hf_speft.data import read_jsonl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_utils.py, also when loaded by path
 from recipe_utils import (  # noqa: E402
     SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset, peak_memory_bytes,
-    peft_config_for, run_recipe, salience_seconds, train_and_save, train_losses, use_cpu_without_a_gpu,
-    user_input_checks,
+    peft_config_for, resolve_resume_checkpoint, run_recipe, salience_seconds, train_and_save, train_losses,
+    use_cpu_without_a_gpu, user_input_checks,
 )
 
 # task -> (text columns, number of labels, metrics)
@@ -175,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, method, training_args = make_parser().parse_args_and_config(argv)
     with user_input_checks():  # every option and the data, before any weight is loaded
         check_arguments(args, method)
+        resolve_resume_checkpoint(training_args)
         train_rows, evaluated = load_glue(args)
         peft_config = peft_config_for(method, target_modules=args.target_modules, lora_r=args.lora_r,
                                       lora_alpha=args.lora_alpha, task_type="SEQ_CLS")  # the head trains in all

@@ -37,8 +37,8 @@ from hf_speft.data import read_jsonl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_utils.py, also when loaded by path
 from recipe_utils import (  # noqa: E402
     SPEFT_METHODS, MethodArguments, RecipeError, check_model_and_targets, fixed_subset, peak_memory_bytes,
-    peft_config_for, run_recipe, salience_seconds, train_and_save, train_losses, use_cpu_without_a_gpu,
-    user_input_checks,
+    peft_config_for, resolve_resume_checkpoint, run_recipe, salience_seconds, train_and_save, train_losses,
+    use_cpu_without_a_gpu, user_input_checks,
 )
 
 logger = logging.getLogger("gsm8k.py")
@@ -195,6 +195,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, method, training_args, model_args = make_parser().parse_args_and_config(argv)
     with user_input_checks():  # every option and the data, before any weight is loaded
         check_arguments(args, method, model_args)
+        resolve_resume_checkpoint(training_args)
         train_rows, test_rows = load_gsm8k(args)
         peft_config = peft_config_for(method, target_modules=model_args.lora_target_modules or "all-linear",
                                       lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,

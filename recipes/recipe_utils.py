@@ -4,6 +4,7 @@ and its targets before any weight loads, and how bad input is reported (one line
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import time
@@ -117,11 +118,35 @@ def use_cpu_without_a_gpu(parser: Any) -> None:
         parser.set_defaults(use_cpu=True, bf16=False)
 
 
+def resolve_resume_checkpoint(training_args: Any) -> None:
+    """`--resume_from_checkpoint`: `true` becomes the last `checkpoint-*` folder in `--output_dir` (the one
+    `Trainer.train(resume_from_checkpoint=True)` picks), `false` none, anything else must be a folder; a ValueError
+    otherwise, before any work. `train_and_save` resumes the folder this leaves in `training_args`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() == "false":
+        training_args.resume_from_checkpoint = None
+        return
+    output_dir = training_args.output_dir
+    if str(value).lower() == "true":
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint true: --output_dir {output_dir!r} holds no checkpoint-* "
+                             "folder to resume from.")
+        training_args.resume_from_checkpoint = last
+    elif not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value!r} is not a folder; give a checkpoint-* folder or true "
+                         "(the last checkpoint in --output_dir).")
+
+
 def train_and_save(trainer: Any, method: str) -> tuple[float, int]:
-    """Run `trainer.train()`, print the trainable count (budgets are visibly matched) and save the model (an
-    adapter for the peft methods) to the output folder; returns (train seconds, trainable parameters)."""
+    """Run `trainer.train()` (resuming `--resume_from_checkpoint`, see `resolve_resume_checkpoint`: the trainer
+    restores the adapter with its masks, the optimizer, scheduler, RNG and data position, and SpeftTrainer then runs
+    no salience), print the trainable count (budgets are visibly matched) and save the model (an adapter for the peft
+    methods) to the output folder; returns (train seconds, trainable parameters)."""
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     print(f"[{method}] trainable parameters: {trainable:,}", flush=True)

@@ -10,7 +10,8 @@ from testing_common import tiny_gpt2, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from hf_speft import CorruptAdapterError, SparsePeftConfig, sparse_layers
+from hf_speft import CorruptAdapterError, SparsePeftConfig, calibrate, sparse_layers
+from hf_speft.layer import SparsePeftLayer
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -27,7 +28,6 @@ TARGETS = ["q_proj", "v_proj"]
         ({"num_params": 2.5}, "positive integer"),
         ({"match_lora_rank": -1}, "positive integer"),
         ({"density": 0.1, "mask_scope": "per-layer"}, "mask_scope='per-layer'"),
-        ({"density": 0.1, "salience": "gradientt"}, "not a registered measure"),
         ({"density": 0.1, "salience_batches": 0}, "salience_batches"),
         ({"density": 0.1, "salience_dtype": "float16"}, "salience_dtype"),
         ({"density": 0.1, "salience_micro_batch_size": 0}, "salience_micro_batch_size=0"),
@@ -40,8 +40,6 @@ TARGETS = ["q_proj", "v_proj"]
         ({"density": 0.1, "target_modules": ".*proj", "layers_to_transform": [0]}, "layers_to_transform"),
         ({"density": 0.1, "layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),
         ({"density": 0.1, "salience_groups": 0}, "salience_groups=0 is not allowed; it must be a positive integer"),
-        ({"density": 0.1, "salience": "grasp", "salience_groups": 2}, "salience='grasp' scores all layers together"),
-        ({"density": 0.1, "salience": "force", "salience_groups": 2}, "salience='force' scores all layers together"),
         ({"match_lora_rank": 4, "lora_r": -1}, "lora_r=-1 must be a non-negative integer"),
         ({"match_lora_rank": 4, "lora_r": 2, "lora_alpha": 0}, "lora_alpha=0 must be a positive number"),
         ({"match_lora_rank": 4, "lora_r": 2, "lora_dropout": 1.0}, "lora_dropout=1.0 must satisfy"),
@@ -52,6 +50,29 @@ def test_bad_config_fields(kwargs, message):
     """Every config field's refusal, in one table (budgets, salience, dynamic masks, hybrid mode)."""
     with pytest.raises(ValueError, match=message):
         SparsePeftConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"salience": "gradientt"}, "salience='gradientt' is not a registered measure"),
+        ({"salience": "grasp", "salience_groups": 2}, "salience='grasp' scores all layers together"),
+        ({"salience": "force", "salience_groups": 2}, "salience='force' scores all layers together"),
+    ],
+)
+def test_a_mask_is_built_only_with_a_registered_measure_that_fits(kwargs, message):
+    """The measure is checked where a mask is built (not when a config is built or loaded): injection refuses it
+    before any module changes, and so does `calibrate`."""
+    config = SparsePeftConfig(target_modules=TARGETS, density=0.1, **kwargs)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, config)
+    assert not any(isinstance(module, SparsePeftLayer) for module in base.modules())
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1))
+    for key, value in kwargs.items():
+        setattr(model.peft_config["default"], key, value)
+    with pytest.raises(ValueError, match=message):
+        calibrate(model, [])
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,57 @@ def test_fold_keeps_weight_untouched_between_optimizer_steps():
     _, folded = models("llama")
     layer = next(iter(sparse_layers(folded).values()))
     logits(folded, inputs_for("llama"))
-    version = layer.get_base_layer().weight._version
+    state = layer._folded
     logits(folded, inputs_for("llama", seed=3))
-    assert layer.get_base_layer().weight._version == version  # no rewrite while the values are unchanged
+    assert state is not None and layer._folded is state  # no rewrite while the values are unchanged
+
+
+def test_every_read_of_a_folded_base_weight_sees_the_unfolded_weight(tmp_path):
+    """Whatever reads the base weight while a delta is folded into it gets the base's own weight (or, after a
+    write behind the fold's back, an error), never the folded one."""
+    import copy
+
+    default, folded = models("llama")  # init_weights=False: a nonzero delta
+    originals = {key: value for key, value in build("llama").state_dict().items()}
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    key = name.removeprefix("base_model.model.") + ".weight"
+
+    def fold(model):
+        logits(model, inputs_for("llama", seed=7))
+        layer = dict(sparse_layers(model))[name]
+        assert not torch.equal(layer.base_layer.weight, originals[key])  # the forward computes with the fold
+        return layer
+
+    layer, reference = fold(folded), dict(sparse_layers(default))[name]
+    assert torch.equal(layer.get_base_layer().weight, originals[key])
+    assert torch.equal(fold(folded).weight, originals[key])  # peft's `weight` property
+    assert torch.equal(folded.state_dict()[f"{name}.base_layer.weight"], originals[key])
+    fold(folded)
+    torch.testing.assert_close(layer.effective_weight(), reference.effective_weight())
+    fold(folded)
+    torch.testing.assert_close(layer.get_delta_weight("default"), reference.get_delta_weight("default"))
+    copied = copy.deepcopy(fold(folded))
+    assert torch.equal(copied.get_base_layer().weight, originals[key])
+    fold(folded)
+    folded.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(layer.get_base_layer().weight, originals[key])
+    fold(folded)
+    folded.merge_adapter()
+    torch.testing.assert_close(layer.get_base_layer().weight, reference.effective_weight())
+    folded.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, originals[key])
+    fold(folded)
+    merged = copy.deepcopy(folded).merge_and_unload()
+    torch.testing.assert_close(merged.get_submodule(name.removeprefix("base_model.model.")).weight,
+                               reference.effective_weight())
+    unloaded = folded.unload()
+    assert torch.equal(unloaded.get_submodule(name.removeprefix("base_model.model.")).weight, originals[key])
+
+
+def test_a_write_behind_a_fold_is_refused_not_lost():
+    _, folded = models("llama")
+    logits(folded, inputs_for("llama"))
+    layer = next(iter(sparse_layers(folded).values()))
+    layer.base_layer.weight.data.mul_(2)  # not through get_base_layer(): the fold cannot be undone exactly
+    with pytest.raises(RuntimeError, match="was written while adapter 'default'.s delta was folded"):
+        folded.state_dict()

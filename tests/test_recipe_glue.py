@@ -47,6 +47,24 @@ def glue_args(model_dir, data_dir, output_dir, method, *extra):
             "--save_strategy", "no", "--use_cpu", "True", *extra]
 
 
+def test_resume_from_a_checkpoint_folder_continues_the_run(tmp_path, tiny_encoder_dir, monkeypatch):
+    """`--resume_from_checkpoint <folder>`: steps, losses and metrics as in the run that did not stop; steps 1-2 and
+    salience do not run again."""
+    import hf_speft.training.updater
+
+    data = write_sst2(tmp_path / "sst2")
+    every_2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    glue.main(glue_args(tiny_encoder_dir, data, tmp_path / "full", "speft", *every_2))
+    monkeypatch.setattr(hf_speft.training.updater, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated"))
+    glue.main(glue_args(tiny_encoder_dir, data, tmp_path / "resumed", "speft", *every_2, "--resume_from_checkpoint",
+                        str(tmp_path / "full" / "checkpoint-2")))
+    full, resumed = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("full", "resumed"))
+    assert resumed["training"]["steps"] == full["training"]["steps"] == 4
+    assert len(full["train_losses"]) == 4 and resumed["train_losses"] == full["train_losses"]
+    assert resumed["metrics"] == full["metrics"]
+    assert sorted(path.name for path in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-4"]
+
+
 @pytest.mark.parametrize("method", ["speft", "speft+lora", "lora", "full"])
 def test_glue_recipe_end_to_end(tmp_path, tiny_encoder_dir, method):
     data = write_sst2(tmp_path / "sst2")

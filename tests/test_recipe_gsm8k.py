@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from distributed_helpers import torchrun_two_processes
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -113,7 +114,40 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n or "speft_" in n) == lora_count
 
 
+def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    """`--resume_from_checkpoint true` (the last checkpoint in --output_dir) continues step count, losses and the
+    adapter as if the run had not stopped; the mask comes from the checkpoint (no salience runs again)."""
+    import shutil
+
+    import hf_speft.training.updater
+
+    data = write_dataset(tmp_path / "data")
+    every_2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    full = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "full", "speft", *every_2))
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+
+    def no_salience(*args, **kwargs):
+        raise AssertionError("a resumed run calibrated again")
+
+    monkeypatch.setattr(hf_speft.training.updater, "calibrate", no_salience)
+    resumed = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "resumed", "speft", *every_2,
+                                     "--resume_from_checkpoint", "true"))
+    assert resumed["training"]["steps"] == full["training"]["steps"] == 4
+    assert len(full["train_losses"]) == 4 and resumed["train_losses"] == full["train_losses"]
+    # trl counts `num_tokens` from zero again after a resume (its counter is not checkpointed); the rest is the same
+    states = [[{key: value for key, value in entry.items() if key != "num_tokens"} for entry in json.loads(
+        (tmp_path / run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]]
+        for run in ("full", "resumed")]
+    assert [entry["step"] for entry in states[1]] == [1, 2, 3, 4] and states[0] == states[1]
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    adapters = [PeftModel.from_pretrained(base(), tmp_path / run) for run in ("full", "resumed")]
+    for (name, value), (other, resumed_value) in zip(*(model.state_dict().items() for model in adapters)):
+        assert name == other and torch.equal(value, resumed_value), name
+
+
 @pytest.mark.parametrize(("extra", "message"), [
+    (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: --output_dir .* holds no checkpoint"),
+    (["--resume_from_checkpoint", "no/such/folder"], "--resume_from_checkpoint 'no/such/folder' is not a folder"),
     (["--method", "prefix"], "--method 'prefix' is not allowed"),
     (["--method", "lora", "--density", "0.01"], "--density sets a SPEFT budget"),
     (["--density", "0.01", "--num_params", "10"], "Give one SPEFT budget"),

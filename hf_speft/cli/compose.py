@@ -12,6 +12,7 @@ from .common import CliError, speft_deltas, staged_folder
 def run(args: argparse.Namespace) -> None:
     from ..checkpoint import ModuleDelta, write_weights
     from ..config import SparsePeftConfig
+    from ..hub import update_model_card
 
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     check_combination(len(args.adapters), weights, args.combination, args.density, args.majority_sign_method)
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> None:
     with staged_folder(args.out) as staging:
         write_weights(staging, {name: ModuleDelta(first[name].shape, indices, values)
                                 for name, (indices, values) in composed.items()}, values_dtype)
-        config.save_pretrained(staging)  # writes the model card too
+        config.save_pretrained(staging)
+        update_model_card(staging)
     print(f"composed {len(args.adapters)} adapters ({args.combination}) into {args.out}: {config.num_params:,} entries")
 
 

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> None:
     targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
     config = SparsePeftConfig(target_modules=targets, salience=args.measure, salience_batches=args.batches,
                               mask_scope=args.scope, salience_micro_batch_size=args.micro_batch_size, **budget)
+    config.check_salience()
     texts = _texts(args.data)
     if not texts:
         raise CliError(f"{args.data!r} holds no text.")

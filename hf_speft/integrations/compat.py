@@ -122,11 +122,14 @@ def enable_mixed_tuner(peft_type: Any, prefix: str, layer_cls: type, mixed_model
 
 def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
                               check_save: Callable[[nn.Module, Optional[list[str]]], None],
+                              after_save: Callable[[nn.Module, str, Optional[list[str]]], None],
                               notes: Callable[[nn.Module], Iterable[str]]) -> None:
     """Make `PeftModel.save_pretrained` and `PeftModel.print_trainable_parameters` serve an outside tuner (idempotent).
 
     - `save_pretrained` creates the folder and its README before any tuner hook runs, so a save the tuner refuses
-      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first.
+      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first. Once
+      peft has written the files, `after_save(model, save_directory, selected_adapters)` runs on the main process
+      (the model card is written from the model in memory, with no re-read of what peft just wrote).
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: each of `notes(model)`
       is printed after peft's line.
 
@@ -143,9 +146,16 @@ def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
 
     @functools.wraps(save)
     def save_pretrained(self, *args: Any, **kwargs: Any):
-        if applies(self):
-            check_save(self, signature.bind(self, *args, **kwargs).arguments.get("selected_adapters"))
-        return save(self, *args, **kwargs)
+        if not applies(self):
+            return save(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs)
+        arguments.apply_defaults()
+        selected = arguments.arguments["selected_adapters"]
+        check_save(self, selected)
+        result = save(self, *args, **kwargs)
+        if arguments.arguments["is_main_process"]:
+            after_save(self, arguments.arguments["save_directory"], selected)
+        return result
 
     @functools.wraps(show)
     def print_trainable_parameters(self) -> None:

@@ -48,6 +48,8 @@ class SpeftMixedModel(SparseMasks, mixed.MixedModel):
         return mixed.MixedModel._create_new_module(config, adapter_name, target, **kwargs)
 
     def inject_adapter(self, model: Any, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(self.peft_config[adapter_name], SparsePeftConfig):
+            self.check_injectable(adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if isinstance(self.peft_config[adapter_name], SparsePeftConfig) and not kwargs.get("low_cpu_mem_usage"):
             self.build_data_free_masks(adapter_name)
