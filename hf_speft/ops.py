@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels import KERNELS, PRODUCTS
+from .kernels import KERNELS
 from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
 
-__all__ = ["KERNELS", "PRODUCTS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta",
+__all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta",
            "transposed_positions"]
 
 kernel_choices = _choice.kernel_choices

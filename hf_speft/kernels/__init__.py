@@ -7,4 +7,3 @@ mask. `triton`: Triton kernels reading fp16/bf16 directly and accumulating in fl
 """
 
 KERNELS = ("auto", "csr", "dense", "triton")
-PRODUCTS = ("forward", "input_grad", "values_grad")
