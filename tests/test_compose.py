@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import hf_speft.layer
 from hf_speft import SparsePeftConfig, sparse_layers
-from hf_speft.cli import main as cli
+from hf_speft_cli import main as cli
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 COMBINATIONS = ["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]

@@ -221,7 +221,7 @@ def damage_bytes(file, key, fill=b"\xff"):
 
 
 def test_a_file_damaged_on_disk_is_refused_by_every_reader(saved_adapter, tmp_path, capsys):
-    from hf_speft.cli import main
+    from hf_speft_cli import main
 
     base = tmp_path / "base"
     torch.manual_seed(0)
