@@ -293,3 +293,18 @@ def test_help_describes_every_argument_and_shows_defaults():
     assert "(default: speft lora full)" in helps["estimate"]
     assert "tokens per sequence (default: 512)" in helps["estimate"]
     assert "a saved SPEFT adapter folder" in helps["inspect"]
+
+
+def test_saving_and_composing_print_no_card_metadata_warning(tmp_path, capfd, caplog):
+    """Our card handling writes a card with a metadata block, so huggingface_hub never warns that it found none."""
+    model = speft_model(salience="magnitude", init_weights=False, target_modules=BODY)
+    capfd.readouterr()
+    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "adapter")  # over its own card
+    assert main(["compose", str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--out", str(tmp_path / "c")]) == 0
+    update_model_card(str(tmp_path / "c"), training={"train_loss": 1.0})
+    (tmp_path / "c" / "README.md").write_text("# written by hand, no metadata\n")
+    card = update_model_card(str(tmp_path / "c"))
+    assert "written by hand" in card.text and card.data.library_name == "peft"
+    shown = capfd.readouterr().err + caplog.text  # outside pytest the log record reaches stderr
+    assert "metadata block was not found" not in shown, shown
