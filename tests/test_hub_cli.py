@@ -210,6 +210,7 @@ def test_plot_writes_a_png(adapter_dir, tmp_path):
 
 def test_console_script_help():
     script = Path(sys.executable).parent / "hf-speft"
+    assert "from hf_speft_cli import main" in script.read_text()  # pyproject's entry point (stale: reinstall)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("inspect", "merge", "salience", "plot"):
         assert command in result.stdout
