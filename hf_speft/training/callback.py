@@ -21,9 +21,9 @@ SPEFT_LEARNING_RATE = 2e-3
 def warn_about_a_low_learning_rate(learning_rate: float) -> None:
     """Log, once per rate, that a SPEFT run starts at a rate more than 10x below the measured best."""
     if learning_rate < SPEFT_LEARNING_RATE / 10:
-        logger.warning("SPEFT training starts with learning_rate=%g, more than 10x below %g, the best rate measured "
-                       "for SPEFT (about 4x LoRA's; see docs/training.md): sparse adapters usually train too little at "
-                       "LoRA's or trl's default rates.", learning_rate, SPEFT_LEARNING_RATE)
+        logger.warning("SPEFT training starts with learning_rate=%g, more than 10x below %g, SPEFT's best rate in "
+                       "the SST-2 sweep (4x LoRA's there; see docs/training.md): at LoRA's or trl's default rates a "
+                       "sparse adapter may train much less.", learning_rate, SPEFT_LEARNING_RATE)
 
 
 class SpeftCallback(TrainerCallback):
