@@ -162,6 +162,15 @@ def load_time() -> str:
                       f"{median['speft_new_adapter'] / median['lora']:.0f} |"])
 
 
+def cli_startup() -> str:
+    result = _json("cli_startup.json")
+    goal = result["goal_seconds"]
+    lines = ["| fresh process | median s | goal |", "|---|---:|---|"]
+    for name, median in result["median_seconds"].items():
+        lines.append(f"| `{name}` | {median:.2f} | {f'≤ {goal:g} s' if name.startswith('hf-speft') else '—'} |")
+    return "\n".join(lines)
+
+
 def serving() -> str:
     lines = ["| model | swap ms: SPEFT / LoRA hot-swap | decode ms/token: base / SPEFT swapped / LoRA unmerged | "
              "mixed batch tokens/s: SPEFT / LoRA |", "|---|---|---|---|"]
@@ -212,7 +221,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"), "trainer_run": trainer_run,
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
-    "real_model": real_model, "load_time": load_time, "serving": serving, "gpu_check": gpu_check,
+    "real_model": real_model, "load_time": load_time, "cli_startup": cli_startup, "serving": serving,
+    "gpu_check": gpu_check,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError,
                          ModuleDelta, file_deltas, read_weights)
@@ -261,7 +262,7 @@ def update_model_card(path: str, repo_id: Optional[str] = None, training: Option
     if base_model:
         summary.config["base_model_name_or_path"] = base_model
     readme = os.path.join(path, "README.md")
-    card = ModelCard.load(readme) if os.path.exists(readme) else ModelCard("---\n---\n")
+    card = _card(readme)
     if _is_generated(card.text):  # peft's or trl's template: replaced by the facts this card can state
         card.text = f"\n# {_title(path, repo_id, summary)}\n"
     for key in ("license", "licence"):  # trl's template writes a literal "licence: license"
@@ -285,6 +286,17 @@ def update_model_card(path: str, repo_id: Optional[str] = None, training: Option
         card.text = _replace_block(card.text, TRAINING_START, TRAINING_END, "\n".join(lines + [TRAINING_END]))
     card.save(readme)
     return card
+
+
+def _card(readme: str) -> ModelCard:
+    """The card in `readme` (a new one if absent). A text without a metadata block (peft writes one when the base has
+    no Hub id; a new card has none) gets an empty block first: huggingface_hub would add it too, but warns "Repo card
+    metadata block was not found" on every save."""
+    text = ""
+    if os.path.exists(readme):
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+    return ModelCard(text if REGEX_YAML_BLOCK.search(text) else f"---\n{{}}\n---\n{text}")
 
 
 GENERATED_CARD_MARKERS = ("[More Information Needed]", "This model is a fine-tuned version of", "## Quick start")

@@ -1,7 +1,8 @@
 """The registry of salience measures: name -> scoring function, and what the rest of the library must know about it.
 
-Dependency-free on purpose: `config.py` checks measure names here without importing any measure's code. The built-in
-measures are listed by module path and imported on first use.
+Dependency-free on purpose: `config.py` checks measure names here without importing any measure's code, and the
+command line (`hf_speft_cli`) runs this file on its own, outside the package, to list the built-in names in `--help`
+without loading torch. The built-in measures are listed by module path and imported on first use.
 """
 
 from __future__ import annotations

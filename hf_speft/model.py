@@ -125,15 +125,41 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         """Wrap the targets and check the budget fits them, then build the mask right away when the configured salience
-        measure needs no data."""
+        measure needs no data. A refusal on the way (a budget the targets cannot hold, `fold_weights` on a quantized
+        base, an unsupported layer, ...) leaves `model` as it was: see `_undone_on_error`."""
         self.check_injectable(adapter_name)
-        super().inject_adapter(
-            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
-        )
-        self.adapter_budget(adapter_name)
-        if not low_cpu_mem_usage:
-            self.build_data_free_masks(adapter_name)
+        with self._undone_on_error(model, adapter_name):
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+            )
+            self.adapter_budget(adapter_name)
+            if not low_cpu_mem_usage:
+                self.build_data_free_masks(adapter_name)
+
+    @contextlib.contextmanager
+    def _undone_on_error(self, model: nn.Module, adapter_name: str) -> Iterator[None]:
+        """If the block raises, put `model` back as it was before: every module's children (peft replaces targets in
+        place, wrapping them), every parameter's `requires_grad` (peft freezes the base), and no trace of
+        `adapter_name` in layers that held other adapters already. Most refusals need the targets' shapes or layers,
+        which peft finds only while it injects, so they are undone rather than checked ahead."""
+        children = {module: dict(module._modules) for module in model.modules()}
+        requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+        existing = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        targeted = list(self.targeted_module_names)
+        try:
+            yield
+        except BaseException:
+            for layer in existing:
+                if adapter_name in getattr(layer, "speft_values", {}):
+                    layer.delete_adapter(adapter_name)
+            for module, modules in children.items():
+                module._modules.clear()
+                module._modules.update(modules)
+            for parameter, flag in requires_grad.items():
+                parameter.requires_grad_(flag)
+            self.targeted_module_names[:] = targeted
+            raise
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft upcasts half-precision adapter weights to float32. On a DeepSpeed ZeRO-3 partitioned base they keep

@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from testing_common import tiny_llama
+from testing_common import doc_examples, run_doc_example, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import hf_speft.layer
 from hf_speft import SparsePeftConfig, sparse_layers
-from hf_speft.cli import main as cli
+from hf_speft_cli import main as cli
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 COMBINATIONS = ["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -304,15 +303,14 @@ DOCUMENTED = [Path(__file__).parents[1] / "README.md", Path(__file__).parents[1]
 def test_serving_examples_run_as_written(path):
     """Every Python example of composing, hot-swapping or mixed batches in the docs runs on a model holding adapters
     `math` and `code` (the setting the docs state), in training mode as `get_peft_model` returns it."""
-    blocks = [block for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
-              if any(word in block for word in ("add_weighted_adapter", "activate_adapter", "adapter_names"))]
+    blocks = doc_examples(path, "add_weighted_adapter", "activate_adapter", "adapter_names")
     assert blocks
     for block in blocks:
         model = two_adapter_model().train()
         model.generation_config.pad_token_id = 0
         original = base_weights(model)
         namespace = {"model": model, "ids": torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(0))}
-        exec(compile(block, str(path), "exec"), namespace)
+        run_doc_example(block, path, namespace)
         if "activate_adapter(None)" in block:
             assert all(torch.equal(weight, original[key]) for key, weight in base_weights(model).items())
 

@@ -117,6 +117,60 @@ def test_unsupported_target_module():
                                                       salience="magnitude"))
 
 
+def model_state(model: torch.nn.Module) -> tuple:
+    """Everything a refused injection must leave alone: module names and types, parameter and buffer values, and
+    which parameters train."""
+    return ([(name, type(module)) for name, module in model.named_modules()],
+            {name: (tensor.detach().clone(), tensor.requires_grad)
+             for name, tensor in [*model.named_parameters(), *model.named_buffers()]})
+
+
+def assert_same_state(model: torch.nn.Module, before: tuple) -> None:
+    modules, tensors = model_state(model)
+    assert modules == before[0]
+    assert tensors.keys() == before[1].keys()
+    for name, (tensor, requires_grad) in tensors.items():
+        assert torch.equal(tensor, before[1][name][0]) and requires_grad == before[1][name][1], name
+
+
+REFUSED_INJECTIONS = [
+    ({"target_modules": TARGETS, "num_params": 10**9}, ValueError, "hold only"),
+    ({"target_modules": TARGETS, "density": 1e-9}, ValueError, "selects no weight"),
+    ({"target_modules": ["embed_tokens"], "density": 0.1}, TypeError, "not supported by SPEFT"),
+    ({"target_modules": ["q_proj", "norm"], "density": 0.1}, TypeError, "not supported by SPEFT"),  # after q_proj
+    ({"target_modules": TARGETS, "density": 0.1, "fold_weights": True}, ValueError, "needs a plain floating-point"),
+]
+
+
+def make_refusable(model: torch.nn.Module) -> torch.nn.Module:
+    """Mark the last v_proj weight as a DeepSpeed ZeRO-3 partition (not writable: `fold_weights` is refused there,
+    after the layers before it are wrapped) and freeze one parameter as a user may."""
+    model.get_submodule("model.layers.1.self_attn.v_proj").weight.ds_id = 0
+    model.get_submodule("model.embed_tokens").weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), REFUSED_INJECTIONS)
+def test_a_refused_get_peft_model_leaves_the_model_as_it_was(kwargs, error, message):
+    base = make_refusable(tiny_llama())
+    before = model_state(base)
+    with pytest.raises(error, match=message):
+        get_peft_model(base, SparsePeftConfig(salience="magnitude", **kwargs))
+    assert_same_state(base, before)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), REFUSED_INJECTIONS)
+def test_a_refused_add_adapter_leaves_the_other_adapters_as_they_were(kwargs, error, message):
+    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="magnitude"))
+    make_refusable(model.base_model.model)
+    before = model_state(model)
+    with pytest.raises(error, match=message):
+        model.add_adapter("other", SparsePeftConfig(salience="magnitude", **kwargs))
+    assert_same_state(model, before)
+    assert list(model.peft_config) == ["default"]
+    assert all(list(layer.speft_values) == ["default"] for layer in sparse_layers(model).values())
+
+
 def test_uncalibrated_adapter_refuses_training_and_saving(tmp_path):
     model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=TARGETS, density=0.1, salience="gradient"))
     ids = torch.randint(0, 64, (2, 8))
@@ -242,7 +296,7 @@ def damage_bytes(file, key, fill=b"\xff"):
 
 
 def test_a_file_damaged_on_disk_is_refused_by_every_reader(saved_adapter, tmp_path, capsys):
-    from hf_speft.cli import main
+    from hf_speft_cli import main
 
     base = tmp_path / "base"
     torch.manual_seed(0)

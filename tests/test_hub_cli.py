@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ from trainer_helpers import base_model, speft_model, speft_trainer
 from transformers import AutoModelForCausalLM
 
 from hf_speft import SparsePeftConfig, sparse_layers
-from hf_speft.cli import main
 from hf_speft.hub import push_to_hub, summarize_adapter, update_model_card
+from hf_speft.measures import available_measures
+from hf_speft_cli import build_parser, main
+from hf_speft_cli.common import builtin_measures
 
 
 BODY = ["q_proj", "v_proj", "up_proj", "down_proj"]  # no lm_head: peft would save its base weight too
@@ -195,8 +198,9 @@ def test_salience_command_saves_a_trainable_mask(tmp_path, capsys):
     assert main(bad) == 2
     assert "bad.jsonl, line 2: not valid JSON" in capsys.readouterr().err
     bad[2], bad[4] = str(tmp_path / "data.jsonl"), "gradientt"
-    assert main(bad) == 2
-    assert "not a registered measure" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse: the built-in measures are its choices
+        main(bad)
+    assert exited.value.code == 2 and "invalid choice: 'gradientt'" in capsys.readouterr().err
 
 
 def test_plot_writes_a_png(adapter_dir, tmp_path):
@@ -206,7 +210,102 @@ def test_plot_writes_a_png(adapter_dir, tmp_path):
 
 def test_console_script_help():
     script = Path(sys.executable).parent / "hf-speft"
+    assert "from hf_speft_cli import main" in script.read_text()  # pyproject's entry point (stale: reinstall)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("inspect", "merge", "salience", "plot"):
         assert command in result.stdout
     assert "examples:" in result.stdout
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The whole of stderr, checked to be one `hf-speft COMMAND: error: ...` line."""
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf-speft {command}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_every_command_reports_a_bad_path_in_one_line(tmp_path, adapter_dir, capsys, monkeypatch):
+    """A missing folder is named as missing (not quoted back with the Hub's repo-id rules), a Hub id that cannot be
+    reached offline is one line too; exit code 2 for all."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "data.txt").write_text("some text\n")
+    missing, out = str(tmp_path / "no" / "such"), str(tmp_path / "out")
+    cases = [(["inspect", missing], "adapter_config.json is missing"),
+             (["plot", missing], "adapter_config.json is missing"),
+             (["compose", missing, "--out", out], "adapter_config.json is missing"),
+             (["merge", missing, str(adapter_dir), out], f"The base model folder {missing!r} does not exist"),
+             (["salience", missing, str(tmp_path / "data.txt"), "--density", "0.1", "--out", out],
+              f"The model folder {missing!r} does not exist"),
+             (["estimate", missing], f"The model folder {missing!r} does not exist"),
+             (["estimate", "hf-speft-tests/no-such-model"], "Cannot read the config of 'hf-speft-tests/no-such-model'")]
+    for command, expected in cases:
+        assert main(command) == 2, command
+        err = one_line_error(capsys, command[0])
+        assert expected in err and "Repo id must" not in err, err
+    assert not os.path.exists(out)
+
+
+def test_merge_refuses_a_non_empty_output_folder_unless_overwrite(tmp_path, adapter_dir, capsys):
+    base_model().save_pretrained(tmp_path / "base")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "notes.txt").write_text("mine")
+    command = ["merge", str(tmp_path / "base"), str(adapter_dir), str(merged)]
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(command) == 2
+    assert "pass --overwrite" in one_line_error(capsys, "merge")
+    assert [path.name for path in merged.iterdir()] == ["notes.txt"] and (merged / "notes.txt").read_text() == "mine"
+    assert main(command + ["--overwrite"]) == 0
+    assert not (merged / "notes.txt").exists()  # replaced as a whole: no stale shard of an older merge survives
+    AutoModelForCausalLM.from_pretrained(merged)
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".merged")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["merge", str(tmp_path / "base"), str(adapter_dir), str(empty)]) == 0  # nothing there to lose
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_merge_and_compose_folders_get_the_umask_mode(tmp_path, adapter_dir, umask):
+    """As `save_pretrained`'s `os.makedirs` does, not the 700 of the temporary folder they are staged in."""
+    base_model().save_pretrained(tmp_path / "base")
+    old = os.umask(umask)
+    try:
+        assert main(["merge", str(tmp_path / "base"), str(adapter_dir), str(tmp_path / "merged")]) == 0
+        assert main(["compose", str(adapter_dir), str(adapter_dir), "--out", str(tmp_path / "composed")]) == 0
+        (tmp_path / "made").mkdir()
+    finally:
+        os.umask(old)
+    for name in ("merged", "composed", "made"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o777 & ~umask, name
+
+
+def test_help_describes_every_argument_and_shows_defaults():
+    commands = {name: parser for action in build_parser()._subparsers._group_actions
+                for name, parser in action.choices.items()}
+    helps = {name: " ".join(parser.format_help().split()) for name, parser in commands.items()}
+    for name, parser in commands.items():
+        undocumented = [action.dest for action in parser._actions if not action.help]
+        assert not undocumented, (name, undocumented)
+    assert set(builtin_measures()) <= set(available_measures()) and "gradient" in builtin_measures()
+    assert f"one of: {', '.join(builtin_measures())} (default: gradient)" in helps["salience"]
+    assert "relative to the current folder" in helps["plot"] and "(default: mask.png)" in helps["plot"]
+    assert "(default: speft lora full)" in helps["estimate"]
+    assert "tokens per sequence (default: 512)" in helps["estimate"]
+    assert "a saved SPEFT adapter folder" in helps["inspect"]
+
+
+def test_saving_and_composing_print_no_card_metadata_warning(tmp_path, capfd, caplog):
+    """Our card handling writes a card with a metadata block, so huggingface_hub never warns that it found none."""
+    model = speft_model(salience="magnitude", init_weights=False, target_modules=BODY)
+    capfd.readouterr()
+    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "adapter")  # over its own card
+    assert main(["compose", str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--out", str(tmp_path / "c")]) == 0
+    update_model_card(str(tmp_path / "c"), training={"train_loss": 1.0})
+    (tmp_path / "c" / "README.md").write_text("# written by hand, no metadata\n")
+    card = update_model_card(str(tmp_path / "c"))
+    assert "written by hand" in card.text and card.data.library_name == "peft"
+    shown = capfd.readouterr().err + caplog.text  # outside pytest the log record reaches stderr
+    assert "metadata block was not found" not in shown, shown

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_speft.methods import method_peft_config
 from hf_speft import estimate_memory, sparse_layers
-from hf_speft.cli import main as cli_main
+from hf_speft_cli import main as cli_main
 from hf_speft.ops import SparsePattern
 
 MODELS = Path(__file__).parents[1] / "recipes" / "configs" / "models"

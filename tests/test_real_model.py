@@ -14,7 +14,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_speft.cli import main as cli
+from hf_speft_cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

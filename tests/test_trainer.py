@@ -297,3 +297,28 @@ def test_zero3_checkpointing_guard_sets_transformers_current_argument():
     model = speft_model()
     _gradient_checkpointing_guards(model, args)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": True}
+
+
+def test_a_speft_run_at_a_lora_rate_logs_a_hint_once(tmp_path, caplog):
+    """The hint's rate is the sweep's (benchmarks/results/quality_sst2_sweep.json), and docs/training.md quotes the
+    sweep's SPEFT and LoRA rates."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from hf_speft.training.callback import SPEFT_LEARNING_RATE, warn_about_a_low_learning_rate
+
+    root = Path(__file__).parents[1]
+    rates = json.loads((root / "benchmarks" / "results" / "quality_sst2_sweep.json").read_text())["learning_rates"]
+    assert SPEFT_LEARNING_RATE == rates["speft"]
+    training_doc = (root / "docs" / "training.md").read_text()
+    assert f"`learning_rate={rates['speft']:g}`" in training_doc and f"LoRA's {rates['lora']:g}" in training_doc
+    warn_about_a_low_learning_rate.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_speft"):
+        for _ in range(2):
+            speft_trainer(speft_model(salience="magnitude"), tmp_path, max_steps=1, learning_rate=2e-5).train()
+        assert caplog.text.count("SPEFT training starts with learning_rate=2e-05") == 1
+        caplog.clear()
+        speft_trainer(speft_model(salience="magnitude"), tmp_path, max_steps=1,
+                      learning_rate=SPEFT_LEARNING_RATE / 2).train()
+        assert "SPEFT training starts" not in caplog.text

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
-from trainer_helpers import base_model, speft_model
-from transformers import PreTrainedTokenizerFast
+from testing_common import doc_examples, run_doc_example
+from trainer_helpers import base_model, counting_dataset, speft_model
+from transformers import PreTrainedTokenizerFast, default_data_collator
 from trl import SFTConfig
 
 import hf_speft
@@ -96,3 +99,28 @@ def test_speft_trainer_takes_a_plain_model_or_path_and_peft_config(tmp_path):
 
     with pytest.raises(TypeError, match="trains SPEFT adapters; got peft_config of type LoraConfig"):
         hf_speft.SpeftTrainer(model=base_model(), args=training_args(tmp_path / "out"), peft_config=LoraConfig())
+
+
+QUICK_STARTS = [Path(__file__).parents[1] / "README.md", Path(__file__).parents[1] / "docs" / "training.md"]
+
+
+@pytest.mark.parametrize("path", QUICK_STARTS, ids=lambda path: path.name)
+def test_the_quick_start_trains_as_written_on_a_cpu(path, tmp_path, monkeypatch):
+    """The trainer examples run unchanged on a machine without a GPU (forced here), a tiny local model standing in
+    for the Hub ids they name, and save a loadable adapter."""
+    base_model().save_pretrained(tmp_path / "tiny")
+    word_tokenizer().save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    tiny = repr(str(tmp_path / "tiny"))
+    blocks = doc_examples(path, "SpeftSFTTrainer(", substitutions={'"HuggingFaceTB/SmolLM2-135M-Instruct"': tiny,
+                                                                    '"org/model-or-path"': tiny})
+    assert len(blocks) == 1
+    namespace = run_doc_example(blocks[0], path, {
+        "prompt_completion_data": counting_prompts(16), "base": base_model(), "train": counting_dataset(),
+        "collator": default_data_collator})
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step > 0 and trainer.args.learning_rate == 2e-3
+    assert isinstance(trainer.model, PeftModel)
+    if (tmp_path / "out" / "adapter").exists():
+        PeftModel.from_pretrained(base_model(), tmp_path / "out" / "adapter")

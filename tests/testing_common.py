@@ -8,7 +8,9 @@ models bitsandbytes can quantize); which combinations exist is decided here and 
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
+from pathlib import Path
 
 import hf_speft  # noqa: F401  (first: registers SPEFT with peft and quiets bitsandbytes' import notice)
 import torch
@@ -174,3 +176,19 @@ def _dense_layer(layer: SparsePeftLayer, adapter: str) -> nn.Module:
     if base.bias is not None:
         dense.bias.data = base.bias.detach().float().clone()
     return dense
+
+
+def doc_examples(path: Path, *words: str, substitutions: dict[str, str] | None = None) -> list[str]:
+    """The ```python blocks of a Markdown file that mention any of `words`, with each `substitutions` key (e.g. a Hub
+    model id) replaced by its value (e.g. a tiny local model), ready for `run_doc_example`."""
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+              if any(word in block for word in words)]
+    for old, new in (substitutions or {}).items():
+        blocks = [block.replace(old, new) for block in blocks]
+    return blocks
+
+
+def run_doc_example(block: str, path: Path, namespace: dict) -> dict:
+    """Run one documentation example as written, with `namespace` holding the names its text says it assumes."""
+    exec(compile(block, str(path), "exec"), namespace)
+    return namespace

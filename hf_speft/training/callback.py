@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from transformers import TrainerCallback
 
 from .updater import MaskUpdater
+
+logger = logging.getLogger(__name__)
+
+# The rate the SST-2 sweep chose for SPEFT (`learning_rates` in benchmarks/results/quality_sst2_sweep.json): 4x
+# LoRA's there. Only a handful of values train far fewer entries than LoRA's full matrices, so they need larger steps;
+# a LoRA rate, or trl's default 2e-5, trains SPEFT much less.
+SPEFT_LEARNING_RATE = 2e-3
+
+
+@functools.cache
+def warn_about_a_low_learning_rate(learning_rate: float) -> None:
+    """Log, once per rate, that a SPEFT run starts at a rate more than 10x below the measured best."""
+    if learning_rate < SPEFT_LEARNING_RATE / 10:
+        logger.warning("SPEFT training starts with learning_rate=%g, more than 10x below %g, SPEFT's best rate in "
+                       "the SST-2 sweep (4x LoRA's there; see docs/training.md): at LoRA's or trl's default rates a "
+                       "sparse adapter may train much less.", learning_rate, SPEFT_LEARNING_RATE)
 
 
 class SpeftCallback(TrainerCallback):
@@ -23,6 +42,8 @@ class SpeftCallback(TrainerCallback):
                 "The SPEFT adapter has no mask yet: call `MaskUpdater.calibrate()` before `trainer.train()`, or use "
                 "hf_speft.SpeftTrainer / SpeftSFTTrainer, which calibrate for you."
             )
+        if state.is_world_process_zero:
+            warn_about_a_low_learning_rate(args.learning_rate)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.updater.step(state.global_step, optimizer)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..compose import (COMBINATION_TYPES, MAJORITY_SIGN_METHODS, check_combination, compose_modules,
-                       composed_config)
-from .common import CliError, speft_deltas, staged_folder
+from .common import CliError, library_constant, speft_deltas, staged_folder
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..checkpoint import ModuleDelta, write_weights
-    from ..config import SparsePeftConfig
-    from ..hub import update_model_card
+    from hf_speft.checkpoint import ModuleDelta, write_weights
+    from hf_speft.compose import check_combination, compose_modules, composed_config
+    from hf_speft.config import SparsePeftConfig
+    from hf_speft.hub import update_model_card
 
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     check_combination(len(args.adapters), weights, args.combination, args.density, args.majority_sign_method)
@@ -50,10 +49,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                "--out out/both")
     compose.add_argument("adapters", nargs="+", help="SPEFT adapter folders of the same base and targets")
     compose.add_argument("--weights", nargs="+", type=float, help="one per adapter (default: 1 each)")
-    compose.add_argument("--combination", choices=COMBINATION_TYPES, default="linear")
+    compose.add_argument("--combination", choices=library_constant("compose", "COMBINATION_TYPES"),
+                         default="linear", help="how the deltas combine")
     compose.add_argument("--density", type=float, help="fraction of each adapter's entries kept (ties, dare_*, "
                          "magnitude_prune)")
-    compose.add_argument("--majority_sign_method", choices=MAJORITY_SIGN_METHODS, default="total")
+    compose.add_argument("--majority_sign_method", default="total",
+                         choices=library_constant("compose", "MAJORITY_SIGN_METHODS"),
+                         help="how TIES elects each entry's sign")
     compose.add_argument("--budget", type=int, help="keep only this many entries, the largest |values|")
     compose.add_argument("--seed", type=int, default=0, help="seed of DARE's random pruning")
     compose.add_argument("--out", required=True, help="folder for the composed adapter")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..hub import human_bytes, summarize_adapter
+from .common import ADAPTER_DIR_HELP
+
 
 def run(args: argparse.Namespace) -> None:
+    from hf_speft.hub import human_bytes, summarize_adapter
+
     summary = summarize_adapter(args.adapter_dir)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
@@ -31,6 +34,6 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser("inspect", help="what a saved adapter holds", epilog="example: hf-speft inspect "
                                   "out/adapter --json")
-    inspect.add_argument("adapter_dir")
+    inspect.add_argument("adapter_dir", help=ADAPTER_DIR_HELP)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=run)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import SparsePeftConfig
-from ..data import read_jsonl
-from ..hub import summarize_adapter
-from ..masks import calibrate
-from ..measures import measure_info
-from .common import CliError
+from .common import CliError, builtin_measures, check_local_or_hub
 
 def _texts(data: str) -> list[str]:
     """Training texts from a .jsonl file (text, prompt+completion, question+answer), a .txt file, or a dataset."""
     if os.path.isfile(data):
         if data.endswith(".jsonl"):
+            from hf_speft.data import read_jsonl
+
+
             return [_row_text(row, f"{data}, line {number}") for number, row in read_jsonl(data)]
         with open(data) as f:
             return [line.rstrip("\n") for line in f if line.strip()]
@@ -39,6 +37,12 @@ def _row_text(row: dict, where: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_local_or_hub(args.model, "model")
+    from hf_speft.config import SparsePeftConfig  # first: importing hf_speft registers SPEFT with peft
+    from hf_speft.hub import summarize_adapter
+    from hf_speft.masks import calibrate
+    from hf_speft.measures import measure_info
+
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,17 +84,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         epilog="example: hf-speft salience ./base data.jsonl --measure gradient --density 0.005 --out out/mask")
     salience.add_argument("model", help="causal LM folder or Hub id (with its tokenizer)")
     salience.add_argument("data", help=".jsonl (text | prompt+completion | question+answer), .txt, or dataset name")
-    salience.add_argument("--measure", default="gradient")
+    measures = builtin_measures()
+    salience.add_argument("--measure", default="gradient", choices=measures, metavar="MEASURE",
+                          help=f"salience measure, one of: {', '.join(measures)}")
     budget = salience.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--density", type=float)
-    budget.add_argument("--num_params", type=int)
-    budget.add_argument("--match_lora_rank", type=int)
-    salience.add_argument("--target_modules", nargs="+", default=["all-linear"])
-    salience.add_argument("--scope", choices=["global", "local"], default="global")
-    salience.add_argument("--batches", type=int, default=64, help="salience batches (default 64)")
-    salience.add_argument("--batch_size", type=int, default=16)
+    budget.add_argument("--density", type=float, help="fraction of the targeted weights to train")
+    budget.add_argument("--num_params", type=int, help="number of weights to train")
+    budget.add_argument("--match_lora_rank", type=int, help="as many weights as LoRA of this rank")
+    salience.add_argument("--target_modules", nargs="+", default=["all-linear"], help="module names to adapt")
+    salience.add_argument("--scope", choices=["global", "local"], default="global",
+                          help="one top-k over all targets, or the same density in each")
+    salience.add_argument("--batches", type=int, default=64, help="salience batches")
+    salience.add_argument("--batch_size", type=int, default=16, help="rows per salience batch")
     salience.add_argument("--micro_batch_size", type=int, help="back-propagate each batch in micro-batches of this "
                           "many rows (less memory, the same mask)")
-    salience.add_argument("--max_length", type=int, default=512)
+    salience.add_argument("--max_length", type=int, default=512, help="tokens per row (longer rows are truncated)")
     salience.add_argument("--out", required=True, help="folder for the adapter")
     salience.set_defaults(run=run)

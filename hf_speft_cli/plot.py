@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..hub import read_adapter_folder, summarize_adapter
-from .common import CliError
+from .common import ADAPTER_DIR_HELP, CliError
+
 
 def run(args: argparse.Namespace) -> None:
     try:
@@ -17,6 +17,8 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:
         raise CliError("plot needs matplotlib: pip install 'hf-speft[plot]'.") from None
     import numpy as np
+
+    from hf_speft.hub import read_adapter_folder, summarize_adapter
 
     folder = read_adapter_folder(args.adapter_dir)
     summary = summarize_adapter(args.adapter_dir, folder)
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     plot = commands.add_parser("plot", help="per-layer x per-module density heatmap and |values| histogram",
                                epilog="example: hf-speft plot out/adapter --out mask.png")
-    plot.add_argument("adapter_dir")
-    plot.add_argument("--out", default="mask.png")
+    plot.add_argument("adapter_dir", help=ADAPTER_DIR_HELP)
+    plot.add_argument("--out", default="mask.png", help="image to write, relative to the current folder (the "
+                      "extension picks the format: .png, .pdf, .svg)")
     plot.set_defaults(run=run)

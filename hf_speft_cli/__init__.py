@@ -1,7 +1,9 @@
 """`hf-speft`: inspect, merge, compose, calibrate, plot and size SPEFT adapters from the shell.
 
 Every command reports bad input as one line on stderr with exit code 2 (no traceback). Each command is one module
-with `add_parser(commands)` and `run(args)`; heavy imports happen inside `run`.
+with `add_parser(commands)` and `run(args)`. This package sits beside `hf_speft`, not inside it: importing anything in
+`hf_speft` runs its `__init__`, which loads torch, transformers and peft, so the parser (`--help`, argument errors)
+imports none of it and each `run` imports the library itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import sys
 from typing import Optional
 
-from ..hub import AdapterFolderError
 from . import compose, estimate, inspect, merge, plot, salience
 from .common import CliError
 
@@ -29,10 +30,28 @@ EXAMPLES = """examples:
 """
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default (lists space-separated, as they are typed); options without one
+    (None, or an off flag) say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class _CommandParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(formatter_class=_ShowDefaults, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-speft", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for command in COMMANDS:
         command.add_parser(commands)
     return parser
@@ -43,13 +62,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.run(args)
-    except (CliError, AdapterFolderError, ValueError, FileNotFoundError) as error:
-        print(f"hf-speft {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `hf-speft inspect DIR | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (CliError, ValueError, OSError) as error:  # OSError: transformers' and the Hub's "cannot get this file"
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"hf-speft {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 
-from .common import CliError, speft_deltas, staged_folder
+from .common import ADAPTER_DIR_HELP, CliError, check_local_or_hub, check_writable_output, speft_deltas, staged_folder
+
 
 def _base_checkpoint(base: str) -> str:
     if os.path.isdir(base):
@@ -33,6 +34,8 @@ def _shards(checkpoint: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_writable_output(args.out_dir, args.overwrite)
+    check_local_or_hub(args.base, "base model")
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     if os.path.abspath(args.out_dir) == os.path.abspath(checkpoint):
         raise CliError("OUT_DIR must differ from the base checkpoint folder (the base is never overwritten).")
     merged = set()
-    with staged_folder(args.out_dir) as staging:
+    with staged_folder(args.out_dir, replace=True) as staging:
         for shard in tqdm(shards, desc="merging shards"):
             out = {}
             with safe_open(os.path.join(checkpoint, shard), framework="pt") as f:
@@ -101,7 +104,7 @@ def _with_delta(weight, delta, name: str, conv1d: bool):
     are handled. A non-finite result is refused."""
     import torch
 
-    from ..ops import transposed_positions
+    from hf_speft.ops import transposed_positions
 
     out_features, in_features = delta.shape
     indices, values = delta.all_entries()
@@ -124,8 +127,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "merge", help="write base + adapter as a merged model, shard by shard",
         epilog="example: hf-speft merge ./base out/adapter merged/ --dtype bf16  (peak memory: about one shard)")
     merge.add_argument("base", help="base model folder (safetensors) or Hub id")
-    merge.add_argument("adapter_dir")
-    merge.add_argument("out_dir")
+    merge.add_argument("adapter_dir", help=ADAPTER_DIR_HELP)
+    merge.add_argument("out_dir", help="folder for the merged model; a non-empty one is refused unless --overwrite")
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                        help="dtype of the merged floating weights (default: keep the base's)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR as a whole")
     merge.set_defaults(run=run)
