@@ -143,7 +143,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         place, wrapping them), every parameter's `requires_grad` (peft freezes the base), and no trace of
         `adapter_name` in layers that held other adapters already. Most refusals need the targets' shapes or layers,
         which peft finds only while it injects, so they are undone rather than checked ahead."""
-        children = {module: dict(module._modules) for module in model.modules()}
+        children = {module: dict(module.named_children()) for module in model.modules()}
         requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
         existing = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
         targeted = list(self.targeted_module_names)
@@ -154,8 +154,12 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 if adapter_name in getattr(layer, "speft_values", {}):
                     layer.delete_adapter(adapter_name)
             for module, modules in children.items():
-                module._modules.clear()
-                module._modules.update(modules)
+                current = dict(module.named_children())
+                for name in current.keys() - modules.keys():
+                    delattr(module, name)
+                for name, child in modules.items():
+                    if current.get(name) is not child:
+                        setattr(module, name, child)
             for parameter, flag in requires_grad.items():
                 parameter.requires_grad_(flag)
             self.targeted_module_names[:] = targeted
