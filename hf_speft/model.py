@@ -80,12 +80,15 @@ def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_na
 @dataclass
 class _BeforeSwap:
     """The state the first `activate_adapter` swap changes, put back by `activate_adapter(None)`; `adapter` is the
-    one swapped in now."""
+    one swapped in now. `layers` (the SPEFT layers) and `auxiliary` (whether there are modules_to_save) are found
+    once, so a swap walks no module tree; a new target layer (`_create_and_replace`) clears `layers`."""
 
     active_adapter: str | list[str]
     requires_grad: list[tuple[nn.Parameter, bool]]
     disabled: list[tuple[nn.Module, bool]]  # peft layers and modules_to_save, with their disable_adapters flag
     merged: list[tuple[SparsePeftLayer, list[str]]]
+    auxiliary: bool
+    layers: Optional[dict[str, SparsePeftLayer]] = None
     adapter: Optional[str] = None
 
     @classmethod
@@ -98,7 +101,13 @@ class _BeforeSwap:
             disabled=[(module, module.disable_adapters) for module in modules],
             merged=[(module, list(module.merged_adapters)) for module in modules
                     if isinstance(module, SparsePeftLayer) and module.merged],
+            auxiliary=any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules),
         )
+
+    def swap_layers(self, tuner: SparsePeftModel) -> dict[str, SparsePeftLayer]:
+        if self.layers is None:
+            self.layers = sparse_layers(tuner.model)
+        return self.layers
 
 
 class SparsePeftModel(SparseMasks, BaseTuner):
@@ -129,6 +138,8 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         return Linear(target, adapter_name, config=config, **kwargs)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if self._hot_swap is not None:
+            self._hot_swap.layers = None
         if isinstance(target, SparsePeftLayer):
             target.update_layer(adapter_name, config)
             return
@@ -263,10 +274,10 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         if self.training:
             raise ValueError(f"activate_adapter({adapter_name!r}) is for inference, but the model is in training mode; "
                              "call model.eval() first (set_adapter activates an adapter for training).")
-        layers = sparse_layers(self.model)
+        state = self._hot_swap or _BeforeSwap.of(self)
+        layers = state.swap_layers(self)
         targeted = {} if adapter_name == "__base__" else self._swappable_layers(adapter_name, layers)
-        if self._hot_swap is None:
-            self._hot_swap = _BeforeSwap.of(self)
+        self._hot_swap = state
         for layer in layers.values():
             if layer.merged:
                 layer.unmerge()
@@ -275,10 +286,15 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         else:
             if any(layer.disable_adapters for layer in layers.values()):
                 self._enable_adapter_layers(enabled=True)
-            self.set_adapter(adapter_name, inference_mode=True)  # layers without the adapter run their base only
+            if state.auxiliary:  # modules_to_save follow the adapter too
+                self.set_adapter(adapter_name, inference_mode=True)
+            else:  # what set_adapter does, without walking the model: layers without the adapter run their base
+                for layer in layers.values():
+                    layer.set_adapter(adapter_name, inference_mode=True)
+                self.active_adapter = adapter_name
             for layer in targeted.values():
                 layer.merge(adapter_names=[adapter_name])
-        self._hot_swap.adapter = adapter_name
+        state.adapter = adapter_name
 
     def _swappable_layers(self, adapter_name: str, layers: dict[str, SparsePeftLayer]) -> dict[str, SparsePeftLayer]:
         """The layers holding `adapter_name`, after refusing an adapter that cannot be hot-swapped."""
