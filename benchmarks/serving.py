@@ -99,11 +99,21 @@ def goals(swap: dict, decode: dict, mixed: dict) -> dict:
     }
 
 
-@torch.inference_mode()
 def measure(name: str, args: argparse.Namespace) -> dict:
+    """The models are built outside inference mode, as a server loads them (inference tensors have no version
+    counter, so SPEFT could not keep its swap positions); every measurement runs in inference mode."""
+    models = _models(name)
+    with torch.inference_mode():
+        return _measure(name, args, *models)
+
+
+def _models(name: str) -> tuple:
     base = base_model(name)
+    return (base, speft_model(copy.deepcopy(base)), *lora_model(copy.deepcopy(base)))
+
+
+def _measure(name: str, args: argparse.Namespace, base, speft, lora, lora_states, lora_config) -> dict:
     vocab = base.config.vocab_size
-    speft, (lora, lora_states, lora_config) = speft_model(copy.deepcopy(base)), lora_model(copy.deepcopy(base))
     nnz = sum(layer.speft_values["math"].numel() for layer in hf_speft.sparse_layers(speft, "math").values())
     lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n and ".math." in n)
     generator = torch.Generator().manual_seed(0)

@@ -383,14 +383,16 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def _delta_positions(self, adapter_name: str) -> torch.Tensor:
         """`storage_positions` of the adapter's whole delta, kept while its index tensors are the same objects at
-        the same version (a new mask, a load or a device move makes new ones), so a hot-swap derives nothing."""
+        the same version (a new mask or a device move makes new ones, a load bumps the version), so a hot-swap
+        derives nothing. Inference tensors have no version counter: their positions are derived on every call."""
         parts = self._index_parts(adapter_name)
         cached = self._positions.get(adapter_name)
         if cached is not None and len(cached[0]) == len(parts) and all(
                 part is held and part._version == version for part, (held, version) in zip(parts, cached[0])):
             return cached[1]
         positions = self.storage_positions(torch.cat([part.to(torch.int64) for part in parts]))
-        self._positions[adapter_name] = ([(part, part._version) for part in parts], positions)
+        if not any(part.is_inference() for part in parts):
+            self._positions[adapter_name] = ([(part, part._version) for part in parts], positions)
         return positions
 
     def storage_positions(self, indices: torch.Tensor) -> torch.Tensor:

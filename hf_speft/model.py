@@ -138,7 +138,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         return Linear(target, adapter_name, config=config, **kwargs)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        if self._hot_swap is not None:
+        if getattr(self, "_hot_swap", None) is not None:  # also called on peft's mixed models, which have no swaps
             self._hot_swap.layers = None
         if isinstance(target, SparsePeftLayer):
             target.update_layer(adapter_name, config)
@@ -181,7 +181,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         """peft calls this around every forward and `generate`: with `adapter_names=[...]` (one adapter name or
         `"__base__"` per row) each SPEFT layer runs every row through its own adapter, as peft's LoRA does. Inference
         only; with beam search (`num_beams`) each name covers its row's beams."""
-        if self._hot_swap is not None and self.training and torch.is_grad_enabled():
+        if getattr(self, "_hot_swap", None) is not None and self.training and torch.is_grad_enabled():
             raise ValueError(f"Adapter {self._hot_swap.adapter!r} is hot-swapped in (activate_adapter), which is for "
                              "inference; call model.activate_adapter(None) before training.")
         adapter_names = kwargs.get("adapter_names")
