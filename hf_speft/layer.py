@@ -578,7 +578,8 @@ class Linear(nn.Module, SparsePeftLayer):
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each row of the batch through its own adapter (`"__base__"`: none), as peft's LoRA does for
         `model(..., adapter_names=[...])`; an adapter this layer does not hold leaves its rows at the base output.
-        Each adapter's rows get its delta in one sparse product, written into the base output in place."""
+        Each adapter's rows get its delta in one sparse product, written into the base output (in place under
+        no_grad / inference_mode)."""
         if len(adapter_names) != len(x):
             raise ValueError(f"Got {len(adapter_names)} adapter names for a batch of {len(x)} rows; give one per row.")
         if self.merged:
@@ -595,8 +596,11 @@ class Linear(nn.Module, SparsePeftLayer):
             if rows is None:  # the whole batch
                 result = self._with_delta(name, x, result)
             else:
-                result.index_copy_(0, rows, self._with_delta(name, x.index_select(0, rows),
-                                                             result.index_select(0, rows)))
+                delta = self._with_delta(name, x.index_select(0, rows), result.index_select(0, rows))
+                if torch.is_grad_enabled():  # autograd refuses in-place writes into some outputs (views of a Function)
+                    result = result.index_copy(0, rows, delta)
+                else:
+                    result.index_copy_(0, rows, delta)
         return result
 
     def __repr__(self) -> str:
