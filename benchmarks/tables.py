@@ -172,14 +172,18 @@ def cli_startup() -> str:
 
 
 def serving() -> str:
-    lines = ["| model | swap ms: SPEFT / LoRA hot-swap | decode ms/token: base / SPEFT swapped / LoRA unmerged | "
-             "mixed batch tokens/s: SPEFT / LoRA |", "|---|---|---|---|"]
+    lines = ["| model | swap ms: SPEFT / LoRA hot-swap (÷ LoRA) | decode ms/token: base / SPEFT swapped / LoRA "
+             "unmerged (SPEFT ÷ base) | mixed batch tokens/s: SPEFT / LoRA (÷ LoRA) | goals met |",
+             "|---|---|---|---|---|"]
     for row in _json("serving.json")["results"]:
         swap, decode, mixed = row["swap_s"], row["decode_s_per_token"], row["mixed_tokens_per_s"]
+        met = [f"{name.replace('_', ' ')} {goal['goal']}: {'yes' if goal['met'] else 'no'}"
+               for name, goal in row["goals"].items()]
         lines.append(f"| {row['model']} ({row['parameters'] / 1e6:.0f} M, {row['speft_nnz']:,} entries) | "
-                     f"{1e3 * swap['speft']:.1f} / {1e3 * swap['lora_hotswap']:.1f} | "
+                     f"{1e3 * swap['speft']:.1f} / {1e3 * swap['lora_hotswap']:.1f} ({swap['speft/lora']:.2f}×) | "
                      f"{1e3 * decode['base']:.1f} / {1e3 * decode['speft_swapped']:.1f} / "
-                     f"{1e3 * decode['lora_unmerged']:.1f} | {mixed['speft']:,.0f} / {mixed['lora']:,.0f} |")
+                     f"{1e3 * decode['lora_unmerged']:.1f} ({decode['speft/base']:.2f}×) | "
+                     f"{mixed['speft']:,.0f} / {mixed['lora']:,.0f} ({mixed['speft/lora']:.2f}×) | {'; '.join(met)} |")
     return "\n".join(lines)
 
 

@@ -118,6 +118,21 @@ class _FoldedDelta:
     tampered: torch.Tensor
 
 
+class AdapterRows(list):
+    """A mixed batch's adapter names, one per row, that also groups the rows by adapter: once per device, shared by
+    every layer of a forward (and every step of a `generate`) that receives this list."""
+
+    def rows(self, device: torch.device) -> list[tuple[str, Optional[torch.Tensor]]]:
+        """(adapter name, int64 row indices on `device`, or None for all rows) per adapter, in first-row order."""
+        cache = self.__dict__.setdefault("_rows", {})
+        if device not in cache:
+            names = list(dict.fromkeys(self))
+            cache[device] = [(name, None) if len(names) == 1 else
+                             (name, torch.tensor([i for i, row in enumerate(self) if row == name], device=device))
+                             for name in names]
+        return cache[device]
+
+
 class SparsePeftLayer(BaseTunerLayer):
     """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
 
@@ -147,6 +162,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated: set[str] = set()
         self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
         self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor] | _QuantizedOriginal] = {}
+        self._positions: dict[str, tuple[list[tuple[torch.Tensor, int]], torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- adapter state
     def update_layer(self, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
@@ -315,7 +331,7 @@ class SparsePeftLayer(BaseTunerLayer):
             self.restore_base_weight()
         super().delete_adapter(adapter_name)
         for state in (self.speft_salience, self.speft_fold_weights, self.speft_kernel, self._patterns,
-                      self._merge_originals):
+                      self._merge_originals, self._positions):
             state.pop(adapter_name, None)
         self._patterns.pop(("residual", adapter_name), None)
         self.speft_uncalibrated.discard(adapter_name)
@@ -366,15 +382,34 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def delta_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 logical indices, detached values) of the adapter's whole delta: the mask plus the frozen residual."""
-        indices = self.speft_indices[adapter_name].to(torch.int64)
+        return torch.cat([part.to(torch.int64) for part in self._index_parts(adapter_name)]), self._delta_values(
+            adapter_name)
+
+    def _index_parts(self, adapter_name: str) -> list[torch.Tensor]:
+        if adapter_name not in self.speft_residual_indices:
+            return [self.speft_indices[adapter_name]]
+        return [self.speft_indices[adapter_name], self.speft_residual_indices[adapter_name]]
+
+    def _delta_values(self, adapter_name: str) -> torch.Tensor:
+        """The detached values of the adapter's whole delta, in `delta_entries` order."""
         values = self.speft_values[adapter_name].detach()
         if adapter_name not in self.speft_residual_indices:
-            return indices, values
-        residual_values = self.speft_residual_values[adapter_name].to(values.dtype)
-        return (
-            torch.cat([indices, self.speft_residual_indices[adapter_name].to(torch.int64)]),
-            torch.cat([values, residual_values]),
-        )
+            return values
+        return torch.cat([values, self.speft_residual_values[adapter_name].to(values.dtype)])
+
+    def _delta_positions(self, adapter_name: str) -> torch.Tensor:
+        """`storage_positions` of the adapter's whole delta, kept while its index tensors are the same objects at
+        the same version (a new mask or a device move makes new ones, a load bumps the version), so a hot-swap
+        derives nothing. Inference tensors have no version counter: their positions are derived on every call."""
+        parts = self._index_parts(adapter_name)
+        cached = self._positions.get(adapter_name)
+        if cached is not None and len(cached[0]) == len(parts) and all(
+                part is held and part._version == version for part, (held, version) in zip(parts, cached[0])):
+            return cached[1]
+        positions = self.storage_positions(torch.cat([part.to(torch.int64) for part in parts]))
+        if not any(part.is_inference() for part in parts):
+            self._positions[adapter_name] = ([(part, part._version) for part in parts], positions)
+        return positions
 
     def storage_positions(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 positions of logical (row-major (out, in)) `indices` in the base weight's own storage (Conv1D
@@ -417,10 +452,9 @@ class SparsePeftLayer(BaseTunerLayer):
             if is_quantized(self.get_base_layer()):
                 self._merge_quantized(adapter_name, safe_merge)
                 continue
-            indices, values = self.delta_entries(adapter_name)
-            flat, positions = self._flat_weight(), self.storage_positions(indices)
-            original = flat[positions]
-            merged = original + values.to(flat.dtype)
+            flat, positions = self._flat_weight(), self._delta_positions(adapter_name)
+            original = flat.index_select(0, positions)
+            merged = original + self._delta_values(adapter_name).to(flat.dtype)
             low_rank = self._low_rank_in_base_layout(adapter_name)
             if safe_merge and not (
                 torch.isfinite(merged).all() and (low_rank is None or torch.isfinite(low_rank).all())
@@ -428,7 +462,7 @@ class SparsePeftLayer(BaseTunerLayer):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                 )
-            flat[positions] = merged
+            flat.scatter_(0, positions, merged)  # positions are unique: the same writes as flat[positions] = merged
             if low_rank is not None:  # restored by subtraction, as LoRA's unmerge does
                 self.get_base_layer().weight.data += low_rank.to(flat.dtype)
             self._merge_originals[adapter_name] = (positions, original)
@@ -451,7 +485,7 @@ class SparsePeftLayer(BaseTunerLayer):
             low_rank = self._low_rank_in_base_layout(adapter_name)
             if low_rank is not None:
                 self.get_base_layer().weight.data -= low_rank.to(original.dtype)
-            self._flat_weight()[positions] = original
+            self._flat_weight().scatter_(0, positions, original)
 
     def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> None:
         """Dequantize, add the delta, requantize (warns); the original quantized weight is kept for `unmerge`."""
@@ -578,21 +612,30 @@ class Linear(nn.Module, SparsePeftLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each row of the batch through its own adapter (`"__base__"`: none), as peft's LoRA does for
-        `model(..., adapter_names=[...])`; an adapter this layer does not hold leaves its rows at the base output."""
+        `model(..., adapter_names=[...])`; an adapter this layer does not hold leaves its rows at the base output.
+        Each adapter's rows get its delta in one sparse product, written into the base output (in place under
+        no_grad / inference_mode)."""
         if len(adapter_names) != len(x):
             raise ValueError(f"Got {len(adapter_names)} adapter names for a batch of {len(x)} rows; give one per row.")
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` while an adapter is merged into the base weights "
                              "(merge_adapter or activate_adapter); unmerge it first (unmerge_adapter() or "
                              "activate_adapter(None)).")
+        groups = adapter_names if isinstance(adapter_names, AdapterRows) else AdapterRows(adapter_names)
         self.restore_base_weight()
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(adapter_names):
+        for name, rows in groups.rows(x.device):
             if name == "__base__" or name not in self.speft_values:
                 continue
             self.check_calibrated(name)
-            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
-            result = result.index_copy(0, rows, self._with_delta(name, x[rows], result[rows]))
+            if rows is None:  # the whole batch
+                result = self._with_delta(name, x, result)
+            else:
+                delta = self._with_delta(name, x.index_select(0, rows), result.index_select(0, rows))
+                if torch.is_grad_enabled():  # autograd refuses in-place writes into some outputs (views of a Function)
+                    result = result.index_copy(0, rows, delta)
+                else:
+                    result.index_copy_(0, rows, delta)
         return result
 
     def __repr__(self) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -19,7 +21,7 @@ from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterErro
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
 from .integrations.compat import is_partitioned, rebind_peft_model_methods
-from .layer import SUPPORTED_LAYERS, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
+from .layer import SUPPORTED_LAYERS, AdapterRows, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
 from .masks import SparseMasks
 
 def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
@@ -81,6 +83,39 @@ def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_na
     return args, {**kwargs, "adapter_names": adapter_names}
 
 
+@dataclass
+class _BeforeSwap:
+    """The state the first `activate_adapter` swap changes, put back by `activate_adapter(None)`; `adapter` is the
+    one swapped in now. `layers` (the SPEFT layers) and `auxiliary` (whether there are modules_to_save) are found
+    once, so a swap walks no module tree; a new target layer (`_create_and_replace`) clears `layers`."""
+
+    active_adapter: str | list[str]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    disabled: list[tuple[nn.Module, bool]]  # peft layers and modules_to_save, with their disable_adapters flag
+    merged: list[tuple[SparsePeftLayer, list[str]]]
+    auxiliary: bool
+    layers: Optional[dict[str, SparsePeftLayer]] = None
+    adapter: Optional[str] = None
+
+    @classmethod
+    def of(cls, tuner: SparsePeftModel) -> _BeforeSwap:
+        modules = [module for module in tuner.model.modules()
+                   if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        return cls(
+            active_adapter=copy.copy(tuner.active_adapter),
+            requires_grad=[(parameter, parameter.requires_grad) for parameter in tuner.model.parameters()],
+            disabled=[(module, module.disable_adapters) for module in modules],
+            merged=[(module, list(module.merged_adapters)) for module in modules
+                    if isinstance(module, SparsePeftLayer) and module.merged],
+            auxiliary=any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules),
+        )
+
+    def swap_layers(self, tuner: SparsePeftModel) -> dict[str, SparsePeftLayer]:
+        if self.layers is None:
+            self.layers = sparse_layers(tuner.model)
+        return self.layers
+
+
 class SparsePeftModel(SparseMasks, BaseTuner):
     """Salience-aware sparse fine-tuning (SPEFT) as a peft tuner: θ = θ0 + θ_sp with θ_sp on a top-ρ mask.
 
@@ -96,6 +131,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     prefix: str = "speft_"
     tuner_layer_cls = SparsePeftLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    _hot_swap: Optional[_BeforeSwap] = None  # set while activate_adapter has an adapter (or "__base__") swapped in
 
     @staticmethod
     def _create_new_module(config: SparsePeftConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
@@ -108,6 +144,8 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         return Linear(target, adapter_name, config=config, **kwargs)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if getattr(self, "_hot_swap", None) is not None:  # also called on peft's mixed models, which have no swaps
+            self._hot_swap.layers = None
         if isinstance(target, SparsePeftLayer):
             target.update_layer(adapter_name, config)
             return
@@ -178,6 +216,9 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         """peft calls this around every forward and `generate`: with `adapter_names=[...]` (one adapter name or
         `"__base__"` per row) each SPEFT layer runs every row through its own adapter, as peft's LoRA does. Inference
         only; with beam search (`num_beams`) each name covers its row's beams."""
+        if getattr(self, "_hot_swap", None) is not None and self.training and torch.is_grad_enabled():
+            raise ValueError(f"Adapter {self._hot_swap.adapter!r} is hot-swapped in (activate_adapter), which is for "
+                             "inference; call model.activate_adapter(None) before training.")
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             yield
@@ -198,7 +239,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
             if getattr(self.model.config, "is_encoder_decoder", False):
                 raise ValueError("adapter_names with beam search is supported for decoder-only models.")
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        hook = functools.partial(_pass_adapter_names, adapter_names=list(adapter_names))
+        hook = functools.partial(_pass_adapter_names, adapter_names=AdapterRows(adapter_names))
         handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self.model.modules()
                    if isinstance(module, (SparsePeftLayer, AuxiliaryTrainingWrapper))]  # modules_to_save too
         try:
@@ -252,35 +293,76 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 parameter.requires_grad_(False)
 
     def activate_adapter(self, adapter_name: Optional[str]) -> None:
-        """O(nnz) hot-swap for inference: write `adapter_name`'s sparse delta into the base weights in place (None or
-        `"__base__"`: the base model alone). The entries a swap replaces are kept and written back by the next swap,
-        so base → A → B → base restores the weights bit for bit in any float dtype; no dense copy is made. After the
-        swap a forward costs exactly the base model's.
+        """O(nnz) hot-swap for inference: write `adapter_name`'s sparse delta into the base weights in place, after
+        which a forward costs exactly the base model's; `"__base__"`: the base model's own outputs. The entries a swap
+        replaces are kept and written back by the next swap, so the weights are restored bit for bit in any float
+        dtype; no dense copy is made.
 
-        Refused, before anything changes, for quantized or ZeRO-3 sharded bases (no entry can be written in place;
-        use `adapter_names=` or `set_adapter`), uncalibrated adapters and hybrid ones (a low-rank part is dense).
+        `None` ends hot-swapping: the model is put back exactly as it was before the first swap (base weights, active
+        adapter, `requires_grad` flags, enabled and merged adapters), so training can go on. While an adapter is
+        swapped in the model is inference-only: a swap in training mode, and a training forward after one, are
+        refused. Also refused, before anything changes: quantized or ZeRO-3 sharded bases (no entry can be written in
+        place; use `adapter_names=` or `set_adapter`), uncalibrated adapters and hybrid ones (a low-rank part is
+        dense).
         """
-        target = None if adapter_name in (None, "__base__") else adapter_name
-        layers = sparse_layers(self.model)
-        targeted = {name: layer for name, layer in layers.items() if target in layer.speft_values}
-        if target is not None:
-            self._speft_adapters([target])
-            if self.peft_config[target].lora_r:
-                raise ValueError(f"Adapter {target!r} is hybrid (lora_r > 0): its low-rank part is dense, so it cannot "
-                                 "be hot-swapped in O(nnz); use merge_adapter or set_adapter.")
-            for module_name, layer in targeted.items():
-                layer.check_calibrated(target)
-                if not base_weight_is_writable(layer.get_base_layer()):
-                    raise ValueError(f"Cannot hot-swap into {module_name!r}: its base weight is quantized or sharded "
-                                     "(ZeRO-3); use model(..., adapter_names=[...]) or set_adapter instead.")
+        if adapter_name is None:
+            self._end_hot_swap()
+            return
+        if self.training:
+            raise ValueError(f"activate_adapter({adapter_name!r}) is for inference, but the model is in training mode; "
+                             "call model.eval() first (set_adapter activates an adapter for training).")
+        state = self._hot_swap or _BeforeSwap.of(self)
+        layers = state.swap_layers(self)
+        targeted = {} if adapter_name == "__base__" else self._swappable_layers(adapter_name, layers)
+        self._hot_swap = state
         for layer in layers.values():
             if layer.merged:
                 layer.unmerge()
-        if target is None:
+        if adapter_name == "__base__":
+            self._enable_adapter_layers(enabled=False)  # every SPEFT layer and modules_to_save: the base modules
+        else:
+            if any(layer.disable_adapters for layer in layers.values()):
+                self._enable_adapter_layers(enabled=True)
+            if state.auxiliary:  # modules_to_save follow the adapter too
+                self.set_adapter(adapter_name, inference_mode=True)
+            else:  # what set_adapter does, without walking the model: layers without the adapter run their base
+                for layer in layers.values():
+                    layer.set_adapter(adapter_name, inference_mode=True)
+                self.active_adapter = adapter_name
+            for layer in targeted.values():
+                layer.merge(adapter_names=[adapter_name])
+        state.adapter = adapter_name
+
+    def _swappable_layers(self, adapter_name: str, layers: dict[str, SparsePeftLayer]) -> dict[str, SparsePeftLayer]:
+        """The layers holding `adapter_name`, after refusing an adapter that cannot be hot-swapped."""
+        self._speft_adapters([adapter_name])
+        if self.peft_config[adapter_name].lora_r:
+            raise ValueError(f"Adapter {adapter_name!r} is hybrid (lora_r > 0): its low-rank part is dense, so it "
+                             "cannot be hot-swapped in O(nnz); use merge_adapter or set_adapter.")
+        targeted = {name: layer for name, layer in layers.items() if adapter_name in layer.speft_values}
+        for module_name, layer in targeted.items():
+            layer.check_calibrated(adapter_name)
+            if not base_weight_is_writable(layer.get_base_layer()):
+                raise ValueError(f"Cannot hot-swap into {module_name!r}: its base weight is quantized or sharded "
+                                 "(ZeRO-3); use model(..., adapter_names=[...]) or set_adapter instead.")
+        return targeted
+
+    def _end_hot_swap(self) -> None:
+        """Swap the adapter out and put back the state `_BeforeSwap` recorded (a no-op when none is swapped in)."""
+        before = self._hot_swap
+        if before is None:
             return
-        self.set_adapter(target, inference_mode=True)
-        for layer in targeted.values():
-            layer.merge(adapter_names=[target])
+        for layer in sparse_layers(self.model).values():
+            if layer.merged:
+                layer.unmerge()
+        self.set_adapter(before.active_adapter)
+        for module, disabled in before.disabled:
+            module.enable_adapters(not disabled)
+        for parameter, requires_grad in before.requires_grad:
+            parameter.requires_grad_(requires_grad)
+        for layer, names in before.merged:
+            layer.merge(adapter_names=names)
+        self._hot_swap = None
 
     def _speft_adapters(self, names: list[str]) -> list[str]:
         """`names` if every one is a SPEFT adapter of this model; a ValueError naming the others."""
