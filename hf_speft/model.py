@@ -319,10 +319,10 @@ class SparsePeftModel(SparseMasks, BaseTuner):
             if layer.merged:
                 layer.unmerge()
         if adapter_name == "__base__":
-            self._enable_adapter_layers(enabled=False)  # every SPEFT layer and modules_to_save: the base modules
+            self.disable_adapter_layers()  # every SPEFT layer and modules_to_save: the base modules
         else:
             if any(layer.disable_adapters for layer in layers.values()):
-                self._enable_adapter_layers(enabled=True)
+                self.enable_adapter_layers()
             if state.auxiliary:  # modules_to_save follow the adapter too
                 self.set_adapter(adapter_name, inference_mode=True)
             else:  # what set_adapter does, without walking the model: layers without the adapter run their base
