@@ -195,14 +195,15 @@ def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) ->
         nnz = rank * (out_features + in_features)
         row: dict[str, Any] = {"shape": [out_features, in_features], "tokens": tokens, "nnz": nnz, "methods": {},
                                "errors": {}}
-        before = dict(kernel_choices())
         for name, config in projection_methods(rank, nnz, weight.numel()).items():
             try:
                 row["methods"][name] = _time_method(config, weight, x, device, settings["repeats"])
             except Exception as error:  # noqa: BLE001 - recorded (e.g. a strategy this device cannot run)
                 row["errors"][name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
             x.grad = None
-        row["auto_choice"] = {key: value for key, value in kernel_choices().items() if before.get(key) != value}
+        # the automatic choice is made per product (forward, input_grad, values_grad) and shape bucket
+        row["auto_choice"] = {key.split()[0]: value for key, value in kernel_choices().items()
+                              if f" {out_features}x{in_features} nnz={nnz} " in key}
         times = {name: entry["s"] for name, entry in row["methods"].items()}
         if "lora" in times:
             row["ratios_to_lora"] = {name: value / times["lora"] for name, value in times.items()}
@@ -385,7 +386,7 @@ def table(report: dict) -> str:
     for row in kernels.get("rows", []):
         methods = row["methods"]
         strategies = [name for name in methods if name.startswith("speft:") and name != "speft:auto"]
-        choice = ", ".join(sorted(set(row["auto_choice"].values()))) or "cached"
+        choice = ", ".join(f"{product} {name}" for product, name in row["auto_choice"].items()) or "nothing"
         auto = methods.get("speft:auto")
         ratio = f" = {row['ratios_to_lora']['speft:auto']:.2f}× LoRA" if auto and "ratios_to_lora" in row else ""
         lines.append(

@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import PeakGrowth, median, parser_for, process_status, run
-
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ["speft", "lora", "speft_fold"]  # speft_fold: `fold_weights=True`, for comparison
@@ -136,6 +134,7 @@ def _release_freed_memory() -> None:
 def worker(method: str, args: argparse.Namespace) -> dict:
     """Calibrate (SPEFT) and train one method on SmolLM2 and measure it (runs in its own process)."""
     import torch
+    from harness import PeakGrowth, process_status
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,6 +214,8 @@ def quality(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from harness import median, parser_for, run  # benchmarks/ is on the path when this runs as a script
+
     parser = parser_for(__doc__, METHODS, "real_model_speed.jsonl")
     parser.set_defaults(methods=["speft", "lora"])
     parser.add_argument("--speed_steps", type=int, default=5, help="timed training steps per round and method")
