@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registry import SPEFT_PEFT_TYPE
+from .kernels import KERNELS
+from .kernels.choice import check_kernel
 from .measures import available_measures, measure_info
 
 MASK_SCOPES = ("global", "local")
@@ -147,6 +149,11 @@ class SparsePeftConfig(PeftConfig):
     )
     lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator of the hybrid low-rank part."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the hybrid low-rank part's input."})
+    kernel: str = field(
+        default="auto",
+        metadata={"help": f"Sparse kernel strategy, one of {KERNELS}; 'auto' measures and keeps the fastest per "
+                          "shape."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,6 +197,7 @@ class SparsePeftConfig(PeftConfig):
         if self.fold_weights not in FOLD_CHOICES or not isinstance(self.fold_weights, (bool, str)):
             raise ValueError(f"fold_weights={self.fold_weights!r} is not allowed; use one of {FOLD_CHOICES}.")
         self._validate_low_rank()
+        check_kernel(self.kernel)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -145,6 +145,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.speft_salience: dict[str, str] = {}
         self.speft_fold_weights: dict[str, bool | str] = {}  # True, False or "auto" (see `_adapter_to_fold`)
+        self.speft_kernel: dict[str, str] = {}
         self.speft_uncalibrated: set[str] = set()
         self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
         self._merge_originals: dict[str, tuple[torch.Tensor, torch.Tensor] | _QuantizedOriginal] = {}
@@ -161,6 +162,7 @@ class SparsePeftLayer(BaseTunerLayer):
             )
         self.speft_salience[adapter_name] = config.salience
         self.speft_fold_weights[adapter_name] = False if config.lora_r else config.fold_weights  # folds sparse only
+        self.speft_kernel[adapter_name] = config.kernel
         self.speft_weight_shape[adapter_name] = torch.tensor([self.out_features, self.in_features])
         self.set_mask(adapter_name, torch.zeros(0, dtype=torch.int64))
         self.speft_uncalibrated.add(adapter_name)
@@ -316,7 +318,8 @@ class SparsePeftLayer(BaseTunerLayer):
         if self._folded is not None and self._folded.adapter == adapter_name:
             self.restore_base_weight()
         super().delete_adapter(adapter_name)
-        for state in (self.speft_salience, self.speft_fold_weights, self._patterns, self._merge_originals):
+        for state in (self.speft_salience, self.speft_fold_weights, self.speft_kernel, self._patterns,
+                      self._merge_originals):
             state.pop(adapter_name, None)
         self._patterns.pop(("residual", adapter_name), None)
         self.speft_uncalibrated.discard(adapter_name)
@@ -559,11 +562,12 @@ class Linear(nn.Module, SparsePeftLayer):
     def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, folded: bool = False):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
         part. `folded`: the delta is already in the base weight, only the values' gradient path is added."""
+        kernel = self.speft_kernel.get(adapter_name, "auto")
         result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name),
-                              add_delta=not folded)
+                              add_delta=not folded, kernel=kernel)
         if not folded and adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]
-            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True))
+            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel)
         if adapter_name in self.speft_lora_A:
             result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result

@@ -174,14 +174,18 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
     from .model import sparse_layers
     from .ops import sparse_delta
 
-    class AnyPattern:
-        nnz = 1  # sparse_delta only reads the pattern in backward, which the estimate never runs
+    class AnyPattern:  # sparse_delta only reads the layout in backward, which the estimate never runs
+        nnz = 1
+
+        def __init__(self, layer: nn.Module) -> None:
+            self.shape = (layer.out_features, layer.in_features)
+            self.layout = [torch.zeros(1, dtype=torch.int64, device="meta")] * 6
 
     for layer in sparse_layers(peft_model, "default").values():
         values = nn.Parameter(torch.empty(1, device="meta"))
 
         def forward(x, *args, layer=layer, values=values, **kwargs):
-            out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(), add_delta=False)
+            out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(layer), add_delta=False)
             return out + layer.low_rank_output("default", x) if "default" in layer.speft_lora_A else out
 
         layer.forward = forward

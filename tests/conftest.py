@@ -1,9 +1,28 @@
-"""pytest fixtures; the shared models, inputs and config cases are in `testing_common`."""
+"""pytest fixtures; the shared models, inputs and config cases are in `testing_common`.
+
+Set before anything imports Triton: without a CUDA device, Triton's interpreter runs the `triton` kernels on CPU
+tensors (tests/test_kernels.py); with one, they compile for it. The kernel-choice cache of every test (and of the
+processes tests start) is a temporary file, never the user's Hugging Face cache."""
 
 from __future__ import annotations
 
-import pytest
-from testing_common import MODELS
+import os
+import sys
+
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from testing_common import MODELS  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kernel_choice_cache(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("kernel_cache") / "kernel_choices.json")
+    os.environ["HF_SPEFT_KERNEL_CACHE"] = path
+    return path
 
 
 @pytest.fixture(params=list(MODELS))

@@ -57,7 +57,7 @@ def test_folded_mode_adds_only_value_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_use_float32_kernels(dtype):
+def test_half_precision_inputs_keep_their_dtype_and_float32_values_grads(dtype):
     indices, weight, x, values = random_problem(out_features=16, in_features=8, nnz=20, dtype=torch.float32)
     pattern = SparsePattern(indices, 16, 8)
     x_half = x.detach().to(dtype).requires_grad_()
