@@ -42,6 +42,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
         assert row["nnz"] == 4 * sum(row["shape"])  # LoRA r=4's count, which every method trains
         assert all(entry["trainable"] == row["nnz"] for name, entry in methods.items() if name != "base")
         assert row["fastest_strategy"] in KERNELS and row["ratios_to_lora"]["lora"] == 1.0
+        assert set(row["auto_choice"]) == {"forward", "input_grad", "values_grad"}  # one choice per product
         assert set(row["auto_choice"].values()) <= set(KERNELS) - {"auto"}
     assert set(report["kernel_choices"].values()) <= set(KERNELS) - {"auto"} and report["kernel_choices"]
     assert sum("SPEFT auto" in line for line in result.stdout.splitlines()) == len(rows)
