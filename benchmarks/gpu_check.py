@@ -1,23 +1,29 @@
-"""One-command GPU check: the library's correctness on CUDA, its kernels at Llama-3-8B shapes against LoRA, and the
-8B memory plan measured against `estimate_memory`. Writes benchmarks/results/gpu_check.json and prints a table.
+"""One-command GPU check: the library's correctness on CUDA, every kernel strategy at Llama-3-8B shapes against the
+base, LoRA, SHiRA and Supertuning, the automatic kernel choice, and the 8B training step and memory plan. Writes
+benchmarks/results/gpu_check.json and prints a table.
 
-    python benchmarks/gpu_check.py          # on a GPU machine (make gpu-check); finishes in a few minutes on an H100
-    python benchmarks/gpu_check.py --tiny   # the same code on the CPU with tiny shapes, in seconds (make test runs it)
+    python benchmarks/gpu_check.py          # on a GPU machine (make gpu-check); budget: at most 8 minutes on one H200
+    python benchmarks/gpu_check.py --tiny   # the same code on the CPU with tiny shapes (make test runs it)
+    python benchmarks/gpu_check.py --sections kernels   # one section again
 
 Sections (each one's failure is recorded and the others still run; the exit code is 1 if any failed):
 1. `tests`: `pytest -m cuda tests/test_cuda.py` (forward/gradients against a dense reference in fp32/bf16/fp16, exact
    merge/unmerge, fold mode, save on CUDA and load on the CPU, salience on CUDA equal to the CPU's, quantized bases).
-   `--tiny` runs the CPU half of the same file.
+   `--tiny` runs the CPU half of the same file. Counts come from pytest's JUnit XML.
 2. `kernel_dtypes`: which torch sparse kernels (CSR `sparse.mm`, `sparse.sampled_addmm`) accept fp32/bf16/fp16 on
    the device, and their error against a dense product.
-3. `kernels`: one decoder layer's projections (4096×4096, 1024×4096, 14336×4096, 4096×14336), 4,096 tokens,
-   forward+backward of the frozen base alone, with LoRA r=16 and with SPEFT at LoRA r=16's budget (random mask):
-   device-event timing after warm-up, median of `--repeats`.
+3. `kernels`: each projection shape of a Llama-3-8B decoder layer (4096×4096 q/o, 1024×4096 k/v, 14336×4096
+   gate/up, 4096×14336 down), 4,096 tokens, bf16, forward+backward through peft of the frozen base alone, LoRA r=16,
+   peft's SHiRA and Supertuning and SPEFT with every kernel strategy of `hf_speft.ops.KERNELS` (`auto` included), all
+   at LoRA r=16's trainable count (random masks): device-event timing after 3 warm-ups, median of 20 runs, peak
+   memory above the start; the strategy the automatic choice made for each shape; a strategy that fails records its
+   error. `HF_SPEFT_KERNEL` is unset for the run.
 4. `plan_8b`: Llama-3-8B (recipes/configs/models/llama3_8b, random bf16 weights), gradient checkpointing, sequence
    1,024, batch 1: a few AdamW steps of SPEFT (`match_lora_rank=16`, all linear layers, gradient salience on random
-   tokens) and of LoRA r=16; step times, `torch.cuda.max_memory_allocated` and `estimate_memory`'s prediction.
-   With bitsandbytes importable, SPEFT on an 8-bit base too (goal: at most 24 GB).
+   tokens, the default kernel choice) and of LoRA r=16; step times, `torch.cuda.max_memory_allocated` and
+   `estimate_memory`'s prediction. With bitsandbytes importable, SPEFT on an 8-bit base too (goal: at most 24 GB).
 """
+
 
 from __future__ import annotations
 
@@ -66,14 +72,26 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 
 def section_tests(tiny: bool) -> dict:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
-               "-m", "not cuda" if tiny else "cuda"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-500:]
-    counts = {word: int(number) for number, word in
-              (part.split()[:2] for part in summary.strip("= ").split(" in ")[0].split(", ") if part[0].isdigit())}
-    if result.returncode != 0:
-        raise RuntimeError(f"pytest failed: {summary}\n{result.stdout[-3000:]}")
+    """`pytest -m cuda tests/test_cuda.py` (`--tiny`: its CPU half); counts from pytest's JUnit XML report."""
+    import tempfile
+    import xml.etree.ElementTree as ElementTree
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                   str(ROOT / "tests" / "test_cuda.py"), "-m", "not cuda" if tiny else "cuda"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        suite = ElementTree.parse(report).getroot() if report.is_file() else None
+    if suite is not None and suite.tag == "testsuites":
+        suite = suite[0]
+    if suite is None:
+        raise RuntimeError(f"pytest wrote no report (exit code {result.returncode}): {result.stderr[-2000:]}")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    summary = (f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
+               f"{counts['skipped']} skipped")
+    if result.returncode != 0 or counts["tests"] == 0:
+        raise RuntimeError(f"pytest: {summary} (exit code {result.returncode})\n{result.stdout[-3000:]}")
     return {"summary": summary, **counts}
 
 
@@ -102,38 +120,101 @@ def section_kernel_dtypes(device: torch.device) -> dict:
     return results
 
 
+class Projection(torch.nn.Module):
+    """One bias-free projection, the module every method of `section_kernels` wraps (peft targets `proj`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                                    dtype=weight.dtype)
+        self.proj.weight.data.copy_(weight)
+        self.proj.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def projection_methods(rank: int, nnz: int, numel: int) -> dict[str, Callable[[], Any] | None]:
+    """Method name -> peft config of one projection at LoRA r=`rank`'s trainable count `nnz` (None: the base alone).
+    SPEFT runs once per kernel strategy (`speft:<name>`), `auto` included; its random mask is data-free."""
+    from peft import LoraConfig, ShiraConfig, SupertuningConfig
+
+    from hf_speft import SparsePeftConfig
+    from hf_speft.ops import KERNELS
+
+    methods: dict[str, Callable[[], Any] | None] = {
+        "base": None,
+        "lora": lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]),
+        "shira": lambda: ShiraConfig(r=rank, target_modules=["proj"]),  # r·(m+n) random entries, like LoRA's count
+        # int(numel·(1 - sparsity)) entries: the half keeps float rounding from dropping one
+        "supertuning": lambda: SupertuningConfig(sparsity=1 - (nnz + 0.5) / numel, target_modules=["proj"]),
+    }
+    for kernel in KERNELS:
+        methods[f"speft:{kernel}"] = lambda kernel=kernel: SparsePeftConfig(
+            target_modules=["proj"], num_params=nnz, salience="random", kernel=kernel)
+    return methods
+
+
+def _time_method(config: Callable[[], Any] | None, weight: torch.Tensor, x: torch.Tensor, device: torch.device,
+                 repeats: int) -> dict:
+    """Seconds (and on CUDA the peak bytes above the start) of forward+backward of `Projection(weight)` under
+    `config`, with the trainable count it trained."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = Projection(weight)
+    if config is not None:
+        model = get_peft_model(model, config())
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def step() -> None:
+        model(x).float().sum().backward()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_bytes = torch.cuda.memory_allocated()
+    entry = {"s": timed(step, device, repeats), "trainable": trainable}
+    if device.type == "cuda":
+        entry["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - start_bytes
+    return entry
+
+
 def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) -> dict:
-    """Forward+backward of one projection: the frozen base alone, + LoRA r, + SPEFT at LoRA r's budget."""
-    from hf_speft.ops import SparsePattern, sparse_delta
+    """Forward+backward of each Llama-3-8B projection shape: the frozen base alone, LoRA r, peft's SHiRA and
+    Supertuning and SPEFT with each kernel strategy, all at LoRA r's trainable count; and the strategy the automatic
+    choice made for each shape. A method that fails records its error; the others still run."""
+    from hf_speft.ops import kernel_choices
 
     rank, tokens, rows = settings["rank"], settings["tokens"], []
     for out_features, in_features in settings["shapes"]:
-        weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * in_features ** -0.5
-        x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
-        lora_a = torch.zeros(rank, in_features, device=device, dtype=dtype, requires_grad=True)
-        lora_b = torch.zeros(out_features, rank, device=device, dtype=dtype, requires_grad=True)
+        generator = torch.Generator().manual_seed(0)
+        weight = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(device, dtype)
+        x = torch.randn(tokens, in_features, generator=generator).to(device, dtype).requires_grad_(True)
         nnz = rank * (out_features + in_features)
-        indices = torch.randperm(out_features * in_features, device=device)[:nnz].sort().values
-        pattern = SparsePattern(indices, out_features, in_features)
-        values = torch.zeros(nnz, device=device, dtype=torch.float32, requires_grad=True)
-
-        def base() -> None:
-            torch.nn.functional.linear(x, weight).sum().backward()
-
-        def lora() -> None:
-            out = torch.nn.functional.linear(x, weight) + (x @ lora_a.t()) @ lora_b.t()
-            out.sum().backward()
-
-        def speft() -> None:
-            sparse_delta(torch.nn.functional.linear(x, weight), x, values, pattern).sum().backward()
-
-        row = {"shape": [out_features, in_features], "tokens": tokens, "nnz": nnz}
-        for name, fn in (("base", base), ("lora", lora), ("speft", speft)):
-            row[f"{name}_s"] = timed(fn, device, settings["repeats"])
-        row["speft/lora"] = row["speft_s"] / row["lora_s"]
-        row["speft_extra/lora_extra"] = (row["speft_s"] - row["base_s"]) / max(row["lora_s"] - row["base_s"], 1e-9)
+        row: dict[str, Any] = {"shape": [out_features, in_features], "tokens": tokens, "nnz": nnz, "methods": {},
+                               "errors": {}}
+        for name, config in projection_methods(rank, nnz, weight.numel()).items():
+            try:
+                row["methods"][name] = _time_method(config, weight, x, device, settings["repeats"])
+            except Exception as error:  # noqa: BLE001 - recorded (e.g. a strategy this device cannot run)
+                row["errors"][name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+            x.grad = None
+        # the automatic choice is made per product (forward, input_grad, values_grad) and shape bucket
+        row["auto_choice"] = {key.split()[0]: value for key, value in kernel_choices().items()
+                              if f" {out_features}x{in_features} nnz={nnz} " in key}
+        times = {name: entry["s"] for name, entry in row["methods"].items()}
+        if "lora" in times:
+            row["ratios_to_lora"] = {name: value / times["lora"] for name, value in times.items()}
+        strategies = {name.split(":", 1)[1]: value for name, value in times.items()
+                      if name.startswith("speft:") and name != "speft:auto"}
+        row["fastest_strategy"] = min(strategies, key=strategies.get) if strategies else None
         rows.append(row)
-    return {"dtype": str(dtype).removeprefix("torch."), "rows": rows}
+        del weight, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"dtype": str(dtype).removeprefix("torch."), "rank": rank, "tokens": tokens, "rows": rows}
 
 
 def _llama(settings: dict, device: torch.device, dtype: torch.dtype, tiny: bool):
@@ -245,44 +326,75 @@ def _linear_layers_in_8bit(model, device: torch.device):
     return model
 
 
-def run(tiny: bool) -> dict:
+SECTIONS = ("tests", "kernel_dtypes", "kernels", "plan_8b")
+
+
+def run(tiny: bool, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Every section in `sections` (each failure recorded, the others still run) and the automatic kernel choices
+    made meanwhile. `HF_SPEFT_KERNEL` is unset for the run, so each strategy is timed as asked."""
+    import os
+
+    import peft
+    import transformers
+
+    from hf_speft.ops import kernel_choices
+
+    ignored = os.environ.pop("HF_SPEFT_KERNEL", None)
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     settings = TINY if tiny else FULL
     kernel_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "mode": "tiny" if tiny else "full",
-                    "date": time.strftime("%Y-%m-%d"), "sections": {}}
-    for name, fn in (("tests", lambda: section_tests(tiny)),
-                     ("kernel_dtypes", lambda: section_kernel_dtypes(device)),
-                     ("kernels", lambda: section_kernels(device, settings, kernel_dtype)),
-                     ("plan_8b", lambda: section_plan(device, settings, tiny))):
+                    "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                    "mode": "tiny" if tiny else "full", "date": time.strftime("%Y-%m-%d"),
+                    "ignored_HF_SPEFT_KERNEL": ignored, "sections": {}}
+    runners = {"tests": lambda: section_tests(tiny), "kernel_dtypes": lambda: section_kernel_dtypes(device),
+               "kernels": lambda: section_kernels(device, settings, kernel_dtype),
+               "plan_8b": lambda: section_plan(device, settings, tiny)}
+    begin = time.perf_counter()
+    for name in sections:
         start = time.perf_counter()
         try:
-            report["sections"][name] = {"ok": True, **fn()}
+            report["sections"][name] = {"ok": True, **runners[name]()}
         except Exception as error:  # noqa: BLE001 - recorded, the other sections still run
             report["sections"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
                                         "traceback": traceback.format_exc()[-4000:]}
         report["sections"][name]["seconds"] = time.perf_counter() - start
         print(f"{name}: {'ok' if report['sections'][name]['ok'] else 'FAILED'} "
               f"({report['sections'][name]['seconds']:.1f}s)", flush=True)
+    report["kernel_choices"] = dict(kernel_choices())
+    report["seconds"] = time.perf_counter() - begin
     return report
 
 
+def _ms(entry: dict | None) -> str:
+    return f"{entry['s'] * 1e3:.2f}" if entry else "failed"
+
+
 def table(report: dict) -> str:
-    """The Markdown rows the README shows: one per measurement."""
+    """The Markdown rows the docs show: one per measurement."""
     sections = report["sections"]
-    lines = [f"GPU check on {report['device']} ({report['mode']}, torch {report['torch']}, {report['date']})", "",
+    lines = [f"GPU check on {report['device']} ({report['mode']}, torch {report['torch']}, "
+             f"{report.get('seconds', 0):.0f} s, {report['date']})", "",
              "| measurement | result |", "|---|---|"]
     tests = sections.get("tests", {})
-    lines.append(f"| CUDA correctness tests | {tests.get('summary', tests.get('error', '—'))} |")
+    lines.append(f"| CUDA correctness tests | {tests.get('summary', tests.get('error', '—').splitlines()[0])} |")
     for dtype, kernels in sections.get("kernel_dtypes", {}).items():
         if isinstance(kernels, dict):
             support = ", ".join(f"{k} {'yes' if v.get('supported') else 'no'}" for k, v in kernels.items())
-            lines.append(f"| sparse kernels in {dtype} | {support} |")
-    for row in sections.get("kernels", {}).get("rows", []):
-        lines.append(f"| {row['shape'][0]}×{row['shape'][1]}, {row['tokens']} tokens: fwd+bwd base / LoRA / SPEFT | "
-                     f"{row['base_s'] * 1e3:.2f} / {row['lora_s'] * 1e3:.2f} / {row['speft_s'] * 1e3:.2f} ms "
-                     f"(SPEFT {row['speft/lora']:.2f}× LoRA) |")
+            lines.append(f"| torch sparse kernels in {dtype} | {support} |")
+    kernels = sections.get("kernels", {})
+    for row in kernels.get("rows", []):
+        methods = row["methods"]
+        strategies = [name for name in methods if name.startswith("speft:") and name != "speft:auto"]
+        choice = ", ".join(f"{product} {name}" for product, name in row["auto_choice"].items()) or "nothing"
+        auto = methods.get("speft:auto")
+        ratio = f" = {row['ratios_to_lora']['speft:auto']:.2f}× LoRA" if auto and "ratios_to_lora" in row else ""
+        lines.append(
+            f"| {row['shape'][0]}×{row['shape'][1]}, {row['tokens']} tokens, {kernels['dtype']}, fwd+bwd ms: base / "
+            f"LoRA / SHiRA / Supertuning / SPEFT auto | {_ms(methods.get('base'))} / {_ms(methods.get('lora'))} / "
+            f"{_ms(methods.get('shira'))} / {_ms(methods.get('supertuning'))} / {_ms(auto)} (chose {choice}{ratio}); "
+            + ", ".join(f"{name.removeprefix('speft:')} {_ms(methods[name])}" for name in strategies)
+            + "".join(f"; {name} failed" for name in row["errors"]) + " |")
     plan = sections.get("plan_8b", {})
     for method in ("lora", "speft"):
         entry = plan.get(method)
@@ -301,16 +413,21 @@ def table(report: dict) -> str:
                         f"{'met' if eight_bit['goal_24GB_met'] else 'missed'})" if memory else "") + " |")
     elif eight_bit:
         lines.append(f"| 8B plan, SPEFT on an 8-bit base | {eight_bit.get('skipped')} |")
+    for name, section in sections.items():
+        if not section["ok"]:
+            lines.append(f"| section {name} | FAILED: {section['error'].splitlines()[0][:200]} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="run the same code on the CPU with tiny shapes")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="run only these sections (default: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/gpu_check.json; "
                                                        "--tiny: gpu_check_tiny.json in the current folder)")
     args = parser.parse_args()
-    report = run(args.tiny)
+    report = run(args.tiny, tuple(args.sections))
     output = Path(args.output or (Path("gpu_check_tiny.json") if args.tiny
                                   else ROOT / "benchmarks" / "results" / "gpu_check.json"))
     output.write_text(json.dumps(report, indent=2, default=lambda value: None if isinstance(value, float)

@@ -87,7 +87,9 @@ def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthro
         results = {}
         for method in args.methods:
             out = subprocess.run([sys.executable, script, "--worker", method, *forwarded],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"the {method} worker failed (exit code {out.returncode}):\n{out.stderr[-3000:]}")
             results[method] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"round {round_index + 1}: {method:14s} step {results[method]['step_time_s']:.3f}s", flush=True)
         for result in results.values():

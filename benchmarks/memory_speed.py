@@ -1,7 +1,9 @@
 """Training step time and memory of SPEFT vs LoRA, sparse peers, a dense-masked simulation and full fine-tuning.
 
 Each method trains a tiny Llama (hidden 1024, 4 layers, vocab 8192, batch 4x256, all 7 projection types targeted) in a
-fresh subprocess; rounds are interleaved and every figure is also given as a ratio to LoRA from the same run.
+fresh subprocess; rounds are interleaved and every figure is also given as a ratio to LoRA from the same run. `speft`
+is SPEFT's default path (the automatic kernel choice, recorded per round; `HF_SPEFT_KERNEL` forces one), `speft_fold`
+the same with `fold_weights=True`.
 
     python benchmarks/memory_speed.py                  # 3 rounds, JSON lines to benchmarks/results/memory_speed.jsonl
     python benchmarks/memory_speed.py --rounds 1 --steps 3 --methods lora speft   # quick look
@@ -82,6 +84,8 @@ def worker(method: str, args) -> dict:
     """Train `args.steps` steps of one method and measure it (runs in its own process)."""
     import torch
 
+    from hf_speft.ops import kernel_choices
+
     torch.manual_seed(0)
     model = _build(method, args)
     model.train()
@@ -116,6 +120,7 @@ def worker(method: str, args) -> dict:
         "peak_extra_rss_bytes": rss.peak - rss_before,
         "optimizer_state_bytes": optimizer_bytes,
         "saved_for_backward_bytes": saved_bytes,
+        "kernel_choices": dict(kernel_choices()),  # SPEFT's automatic kernel decisions (shape bucket -> strategy)
     }
 
 

@@ -151,6 +151,15 @@ def real_model() -> str:
     return table(_json("real_model.json")["results"])
 
 
+def real_model_speed() -> str:
+    from real_model import speed_table
+
+    if not (RESULTS / "real_model_speed.jsonl").is_file():
+        return "\n".join(["| method | step s (salience excluded) ÷LoRA | peak RSS, training ÷LoRA |", "|---|---:|---:|",
+                          "| — (not measured yet: `python benchmarks/real_model.py`) | — | — |"])
+    return speed_table(_medians(_lines("real_model_speed.jsonl")))
+
+
 def load_time() -> str:
     result = _json("load_time.json")
     median = result["median_seconds"]
@@ -194,8 +203,9 @@ def gpu_check() -> str:
 
         return table(json.loads(path.read_text()))
     return "\n".join(["| measurement | result |", "|---|---|", "| CUDA correctness tests | — (no GPU run yet) |",
-                      "| sparse kernels in bf16 / fp16 on CUDA | — |",
-                      "| one 8B layer's projections, fwd+bwd: base / LoRA / SPEFT | — |",
+                      "| torch sparse kernels in bf16 / fp16 on CUDA | — |",
+                      "| each 8B projection shape, fwd+bwd: base / LoRA / SHiRA / Supertuning / SPEFT per kernel "
+                      "strategy, and the automatic choice | — |",
                       "| 8B plan: SPEFT and LoRA step time, measured vs estimated memory | — |"])
 
 
@@ -217,7 +227,19 @@ def headline() -> str:
         "| `quality.py` |",
         f"| decoding after a hot-swap, SmolLM2-135M, ÷ base model | {decode['speft/base']:.2f}× | "
         f"{decode['lora/base']:.2f}× (unmerged) | `serving.py` |",
+        _real_model_headline(),
     ])
+
+
+def _real_model_headline() -> str:
+    """The README's SmolLM2 row: step time without salience and peak training memory, ÷ LoRA in the same rounds."""
+    if not (RESULTS / "real_model_speed.jsonl").is_file():
+        return "| training step (salience excluded) / peak memory, SmolLM2-135M, r=16's budget | — | 1.00× / 1.00× | " \
+               "`real_model.py` |"
+    speft = _medians(_lines("real_model_speed.jsonl"))["speft"]
+    return (f"| training step (salience excluded) / peak memory, SmolLM2-135M, r=16's budget | "
+            f"{speft['step_time_s/lora']:.2f}× / {speft['peak_train_rss_bytes/lora']:.2f}× | 1.00× / 1.00× | "
+            "`real_model.py` |")
 
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -225,7 +247,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"), "trainer_run": trainer_run,
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
-    "real_model": real_model, "load_time": load_time, "cli_startup": cli_startup, "serving": serving,
+    "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
+    "cli_startup": cli_startup, "serving": serving,
     "gpu_check": gpu_check,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)

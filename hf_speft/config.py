@@ -18,6 +18,7 @@ MASK_SCOPES = ("global", "local")
 SALIENCE_DTYPES = ("float32", "bfloat16")
 MASK_UPDATES = ("static", "dynamic")
 OPTIMIZER_RESETS = ("new", "all")
+FOLD_CHOICES = (True, False, "auto")
 DEFAULT_LORA_RANK = 8  # the budget when none is given: as many weights as peft's default LoRA (r=8) trains
 
 
@@ -72,8 +73,12 @@ class SparsePeftConfig(PeftConfig):
             it for entries that stay; `"all"` resets every entry's state (as in the paper).
         fold_weights: Opt-in speed mode: while training, keep the delta written into the frozen base weight (the
             original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
-            restored for saving, `disable_adapter`, adapter switches and merges. Refused for quantized or sharded
-            (ZeRO-3) bases and with several active adapters.
+            restored for saving, `disable_adapter`, adapter switches and merges. True always folds (refused for
+            quantized or sharded (ZeRO-3) bases and with several active adapters); `"auto"` folds only where it is
+            exact and nothing else sees the weight (a frozen float32/float64 `nn.Parameter` base, not shared, not
+            quantized or sharded, one active adapter, no `lora_r`, no `torch.compile` trace; bf16/fp16 rounding of
+            W0+Δ drops small deltas) and runs unfolded elsewhere. Off by default: a folded base weight, read
+            directly (not through `state_dict`), holds W0+Δ while training, where peft's tuners leave it unchanged.
         lora_r: Hybrid mode (sparse + low-rank, as in RoSA): with `lora_r > 0` every target also trains a rank-`lora_r`
             pair B·A in the same adapter. The budget (`density`, `num_params` or `match_lora_rank`) counts both parts:
             the low-rank part takes exactly Σ lora_r·(m+n) weights, the sparse mask gets the rest. 0: sparse only.
@@ -141,8 +146,9 @@ class SparsePeftConfig(PeftConfig):
     reset_optimizer: Literal["new", "all"] = field(
         default="new", metadata={"help": "Dynamic updates reset optimizer state of 'new' entries only, or of 'all'."}
     )
-    fold_weights: bool = field(
-        default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training."}
+    fold_weights: Union[bool, Literal["auto"]] = field(
+        default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training; "
+                                           "'auto' folds only float32/float64 plain frozen bases."}
     )
     lora_r: int = field(
         default=0, metadata={"help": "Hybrid mode: rank of a low-rank pair trained beside the sparse delta (0: none)."}
@@ -189,6 +195,8 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"reset_optimizer={self.reset_optimizer!r} is not allowed; use one of {OPTIMIZER_RESETS}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer.")
+        if self.fold_weights not in FOLD_CHOICES or not isinstance(self.fold_weights, (bool, str)):
+            raise ValueError(f"fold_weights={self.fold_weights!r} is not allowed; use one of {FOLD_CHOICES}.")
         self._validate_low_rank()
         check_kernel(self.kernel)
 
@@ -261,7 +269,7 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number.")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must satisfy 0 <= lora_dropout < 1.")
-        if self.lora_r and self.fold_weights:
+        if self.lora_r and self.fold_weights is True:
             raise ValueError("fold_weights=True folds only a sparse delta; it cannot be combined with lora_r > 0.")
 
     def budget_split(self, weight_shapes: list[tuple[int, int]]) -> tuple[int, int]:

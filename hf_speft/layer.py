@@ -46,6 +46,20 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
     )
 
 
+def folds_exactly(base_layer: nn.Module) -> bool:
+    """Whether `fold_weights="auto"` may write the delta into this base weight: a frozen float32/float64
+    `nn.Parameter` that owns its storage (not a view, as into an FSDP flat parameter) and is writable. In bf16/fp16, W0+Δ
+    rounds the delta relative to the weight (small deltas vanish); other weights are sharded, trained or shared."""
+    weight = getattr(base_layer, "weight", None)
+    return (
+        base_weight_is_writable(base_layer)
+        and weight.dtype in (torch.float32, torch.float64)
+        and type(weight) is nn.Parameter
+        and not weight.requires_grad
+        and weight._base is None
+    )
+
+
 def is_quantized(base_layer: nn.Module) -> bool:
     """A bitsandbytes 8-bit/4-bit base (checked by class name, so bitsandbytes is imported only when present)."""
     return type(getattr(base_layer, "weight", None)).__name__ in ("Int8Params", "Params4bit")
@@ -157,7 +171,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.in_features, self.out_features = in_out_features(self.get_base_layer())
         self.speft_salience: dict[str, str] = {}
-        self.speft_fold_weights: dict[str, bool] = {}
+        self.speft_fold_weights: dict[str, bool | str] = {}  # True, False or "auto" (see `_adapter_to_fold`)
         self.speft_kernel: dict[str, str] = {}
         self.speft_uncalibrated: set[str] = set()
         self._patterns: dict[str | tuple[str, str], SparsePattern] = {}
@@ -168,13 +182,13 @@ class SparsePeftLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
         """Add an adapter with an empty mask; `SparsePeftModel` fills it once all targets are known."""
         base_layer = self.get_base_layer()
-        if config.fold_weights and not base_weight_is_writable(base_layer):
+        if config.fold_weights is True and not base_weight_is_writable(base_layer):
             raise ValueError(
                 f"fold_weights=True needs a plain floating-point base weight to write into, but {type(base_layer)} "
                 "holds a quantized or sharded weight; use fold_weights=False for this model."
             )
         self.speft_salience[adapter_name] = config.salience
-        self.speft_fold_weights[adapter_name] = config.fold_weights
+        self.speft_fold_weights[adapter_name] = False if config.lora_r else config.fold_weights  # folds sparse only
         self.speft_kernel[adapter_name] = config.kernel
         self.speft_weight_shape[adapter_name] = torch.tensor([self.out_features, self.in_features])
         self.set_mask(adapter_name, torch.zeros(0, dtype=torch.int64))
@@ -575,13 +589,8 @@ class Linear(nn.Module, SparsePeftLayer):
                 if name in self.speft_values:
                     self.check_calibrated(name)
         active = self.calibrated_active_adapters()
-        fold = [name for name in active if self.speft_fold_weights[name]]
-        if fold and len(active) > 1:
-            raise ValueError(
-                f"fold_weights=True supports one active adapter, but {active} are active; set one adapter active "
-                "or use fold_weights=False."
-            )
-        result = self._base_output(x, *args, fold=fold[0] if fold else None, **kwargs)
+        fold = self._adapter_to_fold(active)
+        result = self._base_output(x, *args, fold=fold, **kwargs)
         for name in active:
             if fold and not (self.speft_values[name].requires_grad and torch.is_grad_enabled()):
                 continue
@@ -596,6 +605,25 @@ class Linear(nn.Module, SparsePeftLayer):
         else:
             self._fold(fold)
         return self.base_layer(x, *args, **kwargs)
+
+    def _adapter_to_fold(self, active: list[str]) -> Optional[str]:
+        """The adapter this forward keeps folded into the base weight, if any: one with `fold_weights=True` (the only
+        active one, else a ValueError), or with `"auto"` when it is the only active one, the base `folds_exactly`
+        and no `torch.compile` trace is running (a trace would bake the in-place write into the graph). The base is
+        inspected without `get_base_layer`, which would restore the fold at every forward."""
+        fold = [name for name in active if self.speft_fold_weights[name]]
+        if not fold:
+            return None
+        if any(self.speft_fold_weights[name] is True for name in fold):
+            if len(active) > 1:
+                raise ValueError(
+                    f"fold_weights=True supports one active adapter, but {active} are active; set one adapter "
+                    "active or use fold_weights=False."
+                )
+            return fold[0]
+        if len(active) > 1 or torch.compiler.is_compiling() or not folds_exactly(BaseTunerLayer.get_base_layer(self)):
+            return None
+        return fold[0]
 
     def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, folded: bool = False):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank

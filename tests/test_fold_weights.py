@@ -1,4 +1,5 @@
-"""The opt-in `fold_weights` speed mode: same function and gradients as the default path, base restored on demand."""
+"""The opt-in `fold_weights` speed mode: same function and gradients as the default path, base restored on demand;
+`fold_weights="auto"` folds only where that is exact and nothing else sees the weight."""
 
 from __future__ import annotations
 
@@ -114,3 +115,47 @@ def test_a_write_behind_a_fold_is_refused_not_lost():
     layer.base_layer.weight.data.mul_(2)  # not through get_base_layer(): the fold cannot be undone exactly
     with pytest.raises(RuntimeError, match="was written while adapter 'default'.s delta was folded"):
         folded.state_dict()
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """The base weights as the forward computes with them (`base_layer.weight`, not `get_base_layer()` or
+    `state_dict`, which restore a folded base)."""
+    return {name: layer.base_layer.weight.detach().clone() for name, layer in sparse_layers(model).items()}
+
+
+def test_auto_folds_a_float32_base_and_trains_like_the_unfolded_path():
+    default, _ = models("llama")
+    _, targets, _ = MODELS["llama"]
+    auto = get_peft_model(build("llama"), SparsePeftConfig(target_modules=targets, density=0.1, salience="magnitude",
+                                                            init_weights=False, fold_weights="auto"))
+    before = base_weights(auto)
+    assert train(auto, "llama") == pytest.approx(train(default, "llama"), rel=1e-4)
+    assert all(not torch.equal(before[name], weight) for name, weight in base_weights(auto).items())  # folded
+    state = auto.base_model.model.state_dict()  # restores the base
+    assert all(torch.equal(state[name.removeprefix("base_model.model.") + ".base_layer.weight"], weight)
+               for name, weight in before.items())
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "two-adapters", "hybrid", "shared-weight"])
+def test_auto_runs_unfolded_where_folding_is_inexact_or_seen_elsewhere(case):
+    _, targets, _ = MODELS["llama"]
+    options = {"target_modules": targets, "density": 0.1, "salience": "magnitude", "init_weights": False,
+               "fold_weights": "auto"}
+    base = build("llama")
+    if case in ("bfloat16", "float16"):  # W0+Δ rounded to the base dtype would drop small deltas
+        base = base.to(getattr(torch, case))
+    if case == "hybrid":
+        options.update(lora_r=1, match_lora_rank=2, density=None)
+    if case == "shared-weight":  # another module uses the targeted weight: folding would change it too
+        layer = base.model.layers[0]
+        layer.self_attn.o_proj.weight = layer.self_attn.q_proj.weight
+        options["target_modules"] = ["layers.0.self_attn.q_proj"]
+    model = get_peft_model(base, SparsePeftConfig(**options))
+    if case == "two-adapters":
+        model.add_adapter("other", SparsePeftConfig(**{**options, "salience": "random"}))
+        model.base_model.set_adapter(["default", "other"])
+    before = base_weights(model)
+    model.train()
+    model(**inputs_for("llama")).loss.backward()
+    assert all(torch.equal(before[name], weight) for name, weight in base_weights(model).items())
+    assert all(layer.speft_values["default"].grad is not None for layer in sparse_layers(model).values())
