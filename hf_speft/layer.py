@@ -48,8 +48,8 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
 
 def folds_exactly(base_layer: nn.Module) -> bool:
     """Whether `fold_weights="auto"` may write the delta into this base weight: a frozen float32/float64
-    `nn.Parameter` that owns its storage (not a view, as into an FSDP flat parameter) and is writable. In bf16/fp16, W0+Δ
-    rounds the delta relative to the weight (small deltas vanish); other weights are sharded, trained or shared."""
+    `nn.Parameter` that owns its storage (not a view, as into an FSDP flat parameter) and is writable. In bf16/fp16,
+    W0+Δ rounds the delta relative to the weight (small deltas vanish); other weights are sharded, trained or shared."""
     weight = getattr(base_layer, "weight", None)
     return (
         base_weight_is_writable(base_layer)
