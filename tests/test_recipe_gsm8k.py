@@ -83,6 +83,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# LoRA, PiSSA (rank 2), SPEFT (match_lora_rank=2) and SPEFT+LoRA (rank 1 + sparse) train the same number of weights
+# on q_proj (32 -> 32) and v_proj (32 -> 16) of both layers.
+ADAPTER_PARAMS = 2 * sum(2 * (32 + out) for out in (32, 16))
+
+
+def assert_trained_adapter_loads(model_dir: Path, adapter_dir: Path) -> None:
+    """The saved adapter loads on the base with every trained weight, and changes the base's output."""
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n or "speft_" in n) == ADAPTER_PARAMS
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        adapted = reloaded(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)  # trained values came back, not an untrained (identity) adapter
+
+
 def recipe_args(model_dir: Path, data_dir: Path, output_dir: Path, method: str, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model_dir), "--dataset_path", str(data_dir), "--method", method,
             "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "4",
@@ -106,12 +123,8 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, method):
         assert saved["trainable_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
             tiny_model_dir).parameters())
         return
-    # LoRA, PiSSA (rank 2), SPEFT (match_lora_rank=2) and SPEFT+LoRA (rank 1 + sparse) train the same number of
-    # weights on q_proj/v_proj.
-    lora_count = 2 * sum(2 * (32 + out) for out in (32, 16))
-    assert saved["trainable_params"] == lora_count
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
-    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n or "speft_" in n) == lora_count
+    assert saved["trainable_params"] == ADAPTER_PARAMS
+    assert_trained_adapter_loads(tiny_model_dir, tmp_path / "out")
 
 
 def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model_dir, monkeypatch):
@@ -177,10 +190,13 @@ def test_recipe_on_two_processes(tmp_path, tiny_model_dir, method):
                                              method))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["world_size"] == 2 and saved["method"] == method
-    if method == "full":
-        assert AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    if method == "full":  # every weight saved, and trained
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+        assert trained.keys() == base.keys() and all(trained[k].shape == base[k].shape for k in base)
+        assert any(not torch.equal(trained[k], base[k]) for k in base)
     else:
-        assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+        assert_trained_adapter_loads(tiny_model_dir, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -196,10 +212,10 @@ def test_recipe_speft_under_deepspeed_zero3(tmp_path, tiny_model_dir):
     torchrun_two_processes(RECIPE, recipe_args(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "out",
                                                "speft", "--deepspeed", str(tmp_path / "zero3.json")), timeout=900)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["world_size"] == 2 and saved["trainable_params"] == 2 * sum(2 * (32 + out) for out in (32, 16))
+    assert saved["world_size"] == 2 and saved["trainable_params"] == ADAPTER_PARAMS
     values = [v for k, v in load_file(tmp_path / "out" / "adapter_model.safetensors").items() if "speft_values" in k]
     assert sum(v.numel() for v in values) == saved["trainable_params"]
-    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert_trained_adapter_loads(tiny_model_dir, tmp_path / "out")
 
 
 @pytest.mark.parametrize(("name", "kind"), [("single", "NO"), ("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
@@ -216,11 +232,11 @@ def test_accelerate_configs_load(name, kind):
 def test_recipe_speft_on_an_8bit_base(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path / "data")
     results = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "out", "speft", "--load_in_8bit", "True"))
-    assert results["trainable_params"] == 2 * sum(2 * (32 + out) for out in (32, 16))
+    assert results["trainable_params"] == ADAPTER_PARAMS
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SPEFT"
     # The adapter trained on the 8-bit base loads on the unquantized base (the exact-merge path).
-    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert_trained_adapter_loads(tiny_model_dir, tmp_path / "out")
 
 
 CONFIGS = Path(__file__).parents[1] / "recipes" / "configs"
