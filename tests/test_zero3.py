@@ -12,6 +12,13 @@ from safetensors.torch import load_file
 WORKERS = Path(__file__).parent / "workers"
 
 
+@pytest.fixture(autouse=True)
+def one_kernel_everywhere(monkeypatch):
+    """The workers' logits are compared with this process's: both run one kernel strategy (the automatic choice is
+    timed per process and bucket, and strategies round bf16 differently)."""
+    monkeypatch.setenv("HF_SPEFT_KERNEL", "csr")
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from trainer_helpers import base_model
