@@ -75,26 +75,22 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layo
             prepared[name] = _choice.strategy(name).prepare(grad)
         return prepared[name]
 
+    def input_grad(name: str, prepared_grad) -> torch.Tensor:
+        return _choice.strategy(name).input_grad(prepared_grad, values, layout, x.dtype)
+
+    def values_grad(name: str, prepared_grad) -> torch.Tensor:
+        return _choice.strategy(name).values_grad(prepared_grad, x, layout, values.dtype)
+
+    def backward_product(product: str, compute) -> torch.Tensor:
+        """`compute` by the kernel (or the automatic choice), which is measured on a freshly prepared g."""
+        return _run(product, kernel, layout, grad, grad.shape[0], lambda name: compute(name, prepare(name)),
+                    lambda name: compute(name, _choice.strategy(name).prepare(grad)))
+
     empty = grad.new_empty(0)
-    input_grad = values_grad = empty
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if need_input_grad:
-            def measure_x(name: str) -> torch.Tensor:
-                module = _choice.strategy(name)
-                return module.input_grad(module.prepare(grad), values, layout, x.dtype)
-
-            input_grad = _run("input_grad", kernel, layout, grad, grad.shape[0],
-                              lambda name: _choice.strategy(name).input_grad(prepare(name), values, layout, x.dtype),
-                              measure_x)
-        if need_values_grad:
-            def measure_values(name: str) -> torch.Tensor:
-                module = _choice.strategy(name)
-                return module.values_grad(module.prepare(grad), x, layout, values.dtype)
-
-            values_grad = _run("values_grad", kernel, layout, grad, grad.shape[0],
-                               lambda name: _choice.strategy(name).values_grad(prepare(name), x, layout, values.dtype),
-                               measure_values)
-    return input_grad, values_grad
+        grad_x = backward_product("input_grad", input_grad) if need_input_grad else empty
+        grad_values = backward_product("values_grad", values_grad) if need_values_grad else empty
+    return grad_x, grad_values
 
 
 @_backward_op.register_fake
