@@ -73,6 +73,19 @@ def test_kernels_match_the_float64_reference(dtype_name):
     assert_close(values_grad, expected[2], torch.float32, x.shape[0])
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_values_gradient_over_several_token_chunks(chunk, monkeypatch):
+    """Smaller chunks give several programs per row (16: capped at MAX_CHUNKS, some chunks empty; 64: a partial last
+    chunk); their partial sums add up to the reference."""
+    monkeypatch.setattr(kernels, "CHUNK_T", chunk)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_T", 16)
+    pattern, x, grad, base, values = problem(torch.bfloat16, out_features=12, in_features=21, tokens=300)
+    chunks, chunk_tokens = kernels.token_chunks(300)
+    assert chunks == min(kernels.MAX_CHUNKS, -(-300 // chunk)) > 1 and chunks * chunk_tokens >= 300
+    found = kernels.values_grad(kernels.prepare(grad), x, pattern.layout, torch.float32)
+    assert_close(found, reference(pattern, x, grad, base, values)[2], torch.float32, 300)
+
+
 def test_results_are_bitwise_deterministic():
     pattern, x, grad, base, values = problem(torch.bfloat16, tokens=40)
     layout = pattern.layout
@@ -102,7 +115,8 @@ def test_launch_grids_fit_cuda_limits_at_8m_tokens(rows):
     assert len(spmm) == 1 and spmm[0] <= kernels.MAX_GRID
     assert spmm[0] == -(-rows // kernels.BLOCK_R) * -(-tokens // kernels.token_block(tokens))
     assert tokens // kernels.token_block(tokens) > CUDA_GRID_Y_Z  # a 2-D grid with tokens in y would not fit
-    assert kernels.sddmm_grid(rows) == (rows,)
+    sddmm = kernels.sddmm_grid(rows, tokens)
+    assert len(sddmm) == 1 and sddmm[0] == rows * kernels.MAX_CHUNKS <= kernels.MAX_GRID
 
 
 def test_a_grid_beyond_cuda_limits_is_refused_with_the_sizes():
@@ -138,4 +152,5 @@ def test_steady_state_calls_make_no_host_synchronisation(monkeypatch):
     kernels.forward(base, x, values, layout)
     kernels.input_grad(grad_t, values, layout, torch.bfloat16)
     kernels.values_grad(grad_t, x, layout, torch.float32)
-    assert launched == [("spmm", kernels.grid(37, 20)), ("spmm", kernels.grid(45, 20)), ("sddmm", (37,))]
+    assert launched == [("spmm", kernels.grid(37, 20)), ("spmm", kernels.grid(45, 20)),
+                        ("sddmm", kernels.sddmm_grid(37, 20))]

@@ -11,8 +11,9 @@ end, so there are no per-iteration cross-lane reductions.
 - `_spmm_kernel`: out[t, r] = base[t, r] + Σ_{j in row r} v[j]·aᵀ[col_j, t] over a CSR layout, for `BLOCK_R`
   consecutive rows × `BLOCK_T` tokens per program (a coalesced (T, BLOCK_R) store). It computes the forward
   correction (Δ's CSR, aᵀ = xᵀ) and the input gradient (Δᵀ's CSR, aᵀ = gᵀ, values read through `t_order`).
-- `_sddmm_kernel`: the values' gradient, out[j] = Σ_t gᵀ[row_j, t]·xᵀ[col_j, t]; one program per CSR row, whose
-  entries share that row of gᵀ.
+- `_sddmm_kernel`: the values' gradient, out[j] = Σ_t gᵀ[row_j, t]·xᵀ[col_j, t]; one program per CSR row (whose
+  entries share that row of gᵀ) and chunk of `CHUNK_T` tokens, so the programs in flight read one chunk of xᵀ,
+  which stays in L2 while the entries of other rows reuse it; the chunks' partial sums are added afterwards.
 Fixed-order reductions and no atomics: the results are deterministic. The launch grids are one-dimensional
 (`grid`), within CUDA's limits at any token count. Nothing here reads a tensor's values on the host: a steady-state
 call makes no host synchronisation. Importing this module imports Triton; `TRITON_INTERPRET=1` set before that runs
@@ -30,6 +31,8 @@ from .pattern import Layout
 BLOCK_E = 32  # entries per inner iteration
 BLOCK_R = 16  # CSR rows per `_spmm_kernel` program (16 bf16 outputs = one 32-byte sector per token)
 MAX_BLOCK_T = 128  # tokens per program: 4 warps × 32 lanes read one 256-byte bf16 row of aᵀ per entry
+CHUNK_T = 512  # tokens per values'-gradient program: a chunk of xᵀ (in × 1 KiB in bf16) stays in L2
+MAX_CHUNKS = 16
 MAX_GRID = 2**31 - 1  # CUDA's limit of the first grid dimension (the others stop at 65,535)
 
 
@@ -73,9 +76,13 @@ def _spmm_kernel(out_ptr, base_ptr, at_ptr, values_ptr, crow_ptr, col_ptr, order
 
 
 @triton.jit
-def _sddmm_kernel(out_ptr, gt_ptr, xt_ptr, crow_ptr, col_ptr, tokens, stride_gt, stride_xt,
-                  ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _sddmm_kernel(out_ptr, gt_ptr, xt_ptr, crow_ptr, col_ptr, rows, tokens, chunk_tokens, stride_chunk, stride_gt,
+                  stride_xt, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid % rows).to(tl.int64)  # rows vary fastest: concurrent programs share one token chunk of xᵀ in L2
+    chunk = pid // rows
+    first = chunk * chunk_tokens
+    last = tl.minimum(first + chunk_tokens, tokens)
     start = tl.load(crow_ptr + row).to(tl.int64)
     end = tl.load(crow_ptr + row + 1).to(tl.int64)
     for e0 in range(start, end, BLOCK_E):
@@ -83,14 +90,15 @@ def _sddmm_kernel(out_ptr, gt_ptr, xt_ptr, crow_ptr, col_ptr, tokens, stride_gt,
         e_mask = e < end
         cols = tl.load(col_ptr + e, mask=e_mask, other=0).to(tl.int64)
         partial = tl.zeros((BLOCK_E, BLOCK_T), dtype=ACC)
-        for t0 in range(0, tokens, BLOCK_T):
+        for t0 in range(first, last, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = t < tokens
+            t_mask = t < last
             g = tl.load(gt_ptr + row * stride_gt + t, mask=t_mask, other=0.0).to(ACC)
             x = tl.load(xt_ptr + cols[:, None] * stride_xt + t[None, :], mask=e_mask[:, None] & t_mask[None, :],
                         other=0.0).to(ACC)
             partial += x * g[None, :]
-        tl.store(out_ptr + e, tl.sum(partial, axis=1).to(out_ptr.dtype.element_ty), mask=e_mask)
+        tl.store(out_ptr + chunk.to(tl.int64) * stride_chunk + e, tl.sum(partial, axis=1).to(out_ptr.dtype.element_ty),
+                 mask=e_mask)
 
 
 def accumulator(*dtypes: torch.dtype):
@@ -113,11 +121,19 @@ def grid(rows: int, tokens: int, block_r: int = BLOCK_R) -> tuple[int]:
     return (programs,)
 
 
-def sddmm_grid(rows: int) -> tuple[int]:
-    """`_sddmm_kernel`'s launch grid: one program per CSR row."""
-    if rows > MAX_GRID:
-        raise ValueError(f"{rows} rows need more programs than CUDA's {MAX_GRID}.")
-    return (rows,)
+def token_chunks(tokens: int) -> tuple[int, int]:
+    """(chunks, tokens per chunk) of the values' gradient: chunks of `CHUNK_T` tokens, at most `MAX_CHUNKS` (their
+    float32 partial sums, chunks × nnz, are added in a fixed order after the kernel)."""
+    chunks, block = min(MAX_CHUNKS, triton.cdiv(tokens, CHUNK_T)), token_block(tokens)
+    return chunks, triton.cdiv(triton.cdiv(tokens, chunks), block) * block
+
+
+def sddmm_grid(rows: int, tokens: int) -> tuple[int]:
+    """`_sddmm_kernel`'s one-dimensional launch grid: a program per CSR row and token chunk."""
+    programs = rows * token_chunks(tokens)[0]
+    if programs > MAX_GRID:
+        raise ValueError(f"{rows} rows need {programs} programs, above CUDA's {MAX_GRID}.")
+    return (programs,)
 
 
 def transposed(a: torch.Tensor) -> torch.Tensor:
@@ -140,11 +156,13 @@ def spmm_launch(out: torch.Tensor, at: torch.Tensor, values: torch.Tensor, crow:
 
 def sddmm_launch(out: torch.Tensor, grad_t: torch.Tensor, x_t: torch.Tensor, crow: torch.Tensor,
                  col: torch.Tensor) -> tuple[tuple[int], tuple, dict]:
-    """(grid, arguments, constexprs) of the `_sddmm_kernel` launch computing the values' gradient `out` (nnz,)."""
-    tokens = x_t.shape[1]
-    arguments = (out, grad_t, x_t, crow, col, tokens, grad_t.stride(0), x_t.stride(0))
+    """(grid, arguments, constexprs) of the `_sddmm_kernel` launch writing the values' gradient's partial sums `out`
+    (chunks, nnz), `token_chunks(T)[0]` of them."""
+    tokens, rows = x_t.shape[1], crow.numel() - 1
+    arguments = (out, grad_t, x_t, crow, col, rows, tokens, token_chunks(tokens)[1], out.stride(0), grad_t.stride(0),
+                 x_t.stride(0))
     constexprs = dict(ACC=accumulator(grad_t.dtype, x_t.dtype), BLOCK_T=token_block(tokens), BLOCK_E=BLOCK_E)
-    return sddmm_grid(crow.numel() - 1), arguments, constexprs
+    return sddmm_grid(rows, tokens), arguments, constexprs
 
 
 def _spmm(at: torch.Tensor, values, crow, col, order, rows: int, out_dtype: torch.dtype, base=None) -> torch.Tensor:
@@ -170,8 +188,11 @@ def input_grad(grad_t: torch.Tensor, values: torch.Tensor, layout: Layout, dtype
 
 def values_grad(grad_t: torch.Tensor, x: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     x_t = transposed(x)
-    out = torch.zeros(layout.nnz, dtype=dtype, device=x.device)
-    if x_t.shape[1]:
-        launch_grid, arguments, constexprs = sddmm_launch(out, grad_t, x_t, layout.crow, layout.col)
-        _sddmm_kernel[launch_grid](*arguments, **constexprs)
-    return out
+    tokens = x_t.shape[1]
+    if tokens == 0 or layout.nnz == 0:
+        return torch.zeros(layout.nnz, dtype=dtype, device=x.device)
+    accumulate = torch.float64 if torch.float64 in (grad_t.dtype, x_t.dtype) else torch.float32
+    partial = torch.empty(token_chunks(tokens)[0], layout.nnz, dtype=accumulate, device=x.device)
+    launch_grid, arguments, constexprs = sddmm_launch(partial, grad_t, x_t, layout.crow, layout.col)
+    _sddmm_kernel[launch_grid](*arguments, **constexprs)
+    return partial.sum(0).to(dtype)  # a fixed-order reduction: deterministic
