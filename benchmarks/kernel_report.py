@@ -199,20 +199,29 @@ def path_costs(m: int, n: int, nnz: int, tokens: int = TOKENS, rank: int = RANK)
     }
 
 
-def cost_model(shapes: dict[str, tuple[int, int]], budget: dict[str, int], tokens: int = TOKENS) -> dict:
+def cost_model(shapes: dict[str, tuple[int, int]], budget: dict[str, int], tokens: int = TOKENS,
+               rank: int = RANK) -> dict:
     """Per path: the layer's predicted time of the linear work per step at each GPU and GEMM rate, and its ratio
     to LoRA's."""
     base_flops = sum(2 * 2 * tokens * m * n for m, n in shapes.values())  # forward + input gradient GEMMs
     paths: dict[str, dict] = {}
     for name in path_costs(1, 1, 1):
-        flops = sum(path_costs(*shapes[t], budget[t], tokens)[name][0] for t in shapes)
-        moved = sum(path_costs(*shapes[t], budget[t], tokens)[name][1] for t in shapes)
+        flops = sum(path_costs(*shapes[t], budget[t], tokens, rank)[name][0] for t in shapes)
+        moved = sum(path_costs(*shapes[t], budget[t], tokens, rank)[name][1] for t in shapes)
         paths[name] = {"extra_flops": flops, "extra_bytes": int(moved), "ms": {
             f"{gpu}@{rate}": 1e3 * ((base_flops + flops) / GEMM_RATES[rate] + moved / GPUS[gpu])
             for gpu in GPUS for rate in GEMM_RATES}}
     for entry in paths.values():
         entry["ratio_to_lora"] = {key: value / paths["lora"]["ms"][key] for key, value in entry["ms"].items()}
     return {"base_gemm_flops": base_flops, "paths": paths}
+
+
+def predicted_ratios(shape: tuple[int, int], nnz: int, tokens: int = TOKENS, rank: int = RANK, gpu: str = "H200",
+                     rate: str = "790") -> dict[str, float]:
+    """Each path's predicted time ÷ LoRA's for one (out, in) target: what benchmarks/gpu_check.py prints beside
+    what it measures."""
+    model = cost_model({"target": shape}, {"target": nnz}, tokens, rank)
+    return {name: entry["ratio_to_lora"][f"{gpu}@{rate}"] for name, entry in model["paths"].items()}
 
 
 def product_section(shapes: dict[str, tuple[int, int]], budget: dict[str, int]) -> list[dict]:
@@ -254,10 +263,15 @@ def table(data: dict) -> str:
     for row in data["products"]:
         lines.append(f"| {row['product']} | {row['read_bytes'] / 1e6:,.0f} | {row['written_bytes'] / 1e6:,.0f} | "
                      f"{row['H100_ms']:.3f} | {row['H200_ms']:.3f} |")
+    return "\n".join(lines + ["", prediction_table(data)])
+
+
+def prediction_table(data: dict) -> str:
+    """The predicted linear-layer time per step of each path and its ratio to LoRA (docs/kernels.md)."""
     keys = list(data["cost_model"]["paths"]["lora"]["ms"])
-    lines += ["", "| path (predicted, linear layers of one decoder layer) | extra GB moved | "
-              + " | ".join(f"ms, {key} TFLOP/s" for key in keys) + " | ÷ LoRA |",
-              "|---|---:|" + "---:|" * len(keys) + "---|"]
+    lines = ["| path (predicted, linear layers of one decoder layer) | extra GB moved | "
+             + " | ".join(f"ms, {key} TFLOP/s" for key in keys) + " | ÷ LoRA |",
+             "|---|---:|" + "---:|" * len(keys) + "---|"]
     for name, entry in data["cost_model"]["paths"].items():
         ratios = sorted(entry["ratio_to_lora"].values())
         spread = f"{ratios[0]:.2f}×" if ratios[-1] - ratios[0] < 0.005 else f"{ratios[0]:.2f}–{ratios[-1]:.2f}×"
