@@ -223,9 +223,10 @@ def _prediction(shape: tuple[int, int], nnz: int, tokens: int, rank: int) -> dic
     the measured ones."""
     try:
         from kernel_report import predicted_ratios
-    except ImportError as error:  # the model reads the Triton strategy's block sizes
+
+        return predicted_ratios(shape, nnz, tokens, rank)
+    except ImportError as error:  # the model reads the Triton strategy's block sizes: no Triton, no prediction
         return f"no prediction: {error}"
-    return predicted_ratios(shape, nnz, tokens, rank)
 
 
 def _llama(settings: dict, device: torch.device, dtype: torch.dtype, tiny: bool):

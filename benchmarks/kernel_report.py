@@ -105,10 +105,8 @@ def compile_kernel(kernel, arguments: tuple, constexprs: dict, capability: int) 
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, native_specialize_impl
+    from triton.runtime.jit import native_specialize_impl
 
-    if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1 the package holds interpreted functions
-        kernel = JITFunction(kernel.fn)
     bound = dict(zip(kernel.arg_names, arguments)) | constexprs
     signature, constants, attrs = {}, {}, {}
     for position, name in enumerate(kernel.arg_names):

@@ -101,9 +101,12 @@ def _sddmm_kernel(out_ptr, gt_ptr, xt_ptr, crow_ptr, col_ptr, rows, tokens, chun
                  mask=e_mask)
 
 
-def accumulator(*dtypes: torch.dtype):
+def accumulator(*dtypes: torch.dtype) -> torch.dtype:
     """The kernels' accumulation dtype: float64 for float64 operands, else float32."""
-    return tl.float64 if torch.float64 in dtypes else tl.float32
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+_TL_ACCUMULATOR = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def token_block(tokens: int) -> int:
@@ -111,10 +114,10 @@ def token_block(tokens: int) -> int:
     return min(MAX_BLOCK_T, max(16, triton.next_power_of_2(tokens)))
 
 
-def grid(rows: int, tokens: int, block_r: int = BLOCK_R) -> tuple[int]:
-    """`_spmm_kernel`'s one-dimensional launch grid: a program per block of `block_r` rows and of
+def grid(rows: int, tokens: int) -> tuple[int]:
+    """`_spmm_kernel`'s one-dimensional launch grid: a program per block of `BLOCK_R` rows and of
     `token_block(tokens)` tokens. One dimension, whose limit is 2**31 - 1 (y and z stop at 65,535)."""
-    programs = triton.cdiv(rows, block_r) * triton.cdiv(tokens, token_block(tokens))
+    programs = triton.cdiv(rows, BLOCK_R) * triton.cdiv(tokens, token_block(tokens))
     if programs > MAX_GRID:
         raise ValueError(f"{rows} rows × {tokens} tokens needs {programs} programs, above CUDA's {MAX_GRID}; "
                          f"split the call's tokens.")
@@ -149,8 +152,9 @@ def spmm_launch(out: torch.Tensor, at: torch.Tensor, values: torch.Tensor, crow:
     base_strides = base.stride() if base is not None else (0, 0)
     arguments = (out, base if base is not None else out, at, values, crow, col, order if order is not None else col,
                  rows, tokens, at.stride(0), *base_strides, *out.stride())
-    constexprs = dict(HAS_BASE=base is not None, HAS_ORDER=order is not None, ACC=accumulator(at.dtype, values.dtype),
-                      BLOCK_R=BLOCK_R, BLOCK_T=token_block(tokens), BLOCK_E=BLOCK_E)
+    constexprs = dict(HAS_BASE=base is not None, HAS_ORDER=order is not None,
+                      ACC=_TL_ACCUMULATOR[accumulator(at.dtype, values.dtype)], BLOCK_R=BLOCK_R,
+                      BLOCK_T=token_block(tokens), BLOCK_E=BLOCK_E)
     return grid(rows, tokens), arguments, constexprs
 
 
@@ -161,7 +165,8 @@ def sddmm_launch(out: torch.Tensor, grad_t: torch.Tensor, x_t: torch.Tensor, cro
     tokens, rows = x_t.shape[1], crow.numel() - 1
     arguments = (out, grad_t, x_t, crow, col, rows, tokens, token_chunks(tokens)[1], out.stride(0), grad_t.stride(0),
                  x_t.stride(0))
-    constexprs = dict(ACC=accumulator(grad_t.dtype, x_t.dtype), BLOCK_T=token_block(tokens), BLOCK_E=BLOCK_E)
+    constexprs = dict(ACC=_TL_ACCUMULATOR[accumulator(grad_t.dtype, x_t.dtype)], BLOCK_T=token_block(tokens),
+                      BLOCK_E=BLOCK_E)
     return sddmm_grid(rows, tokens), arguments, constexprs
 
 
@@ -191,8 +196,8 @@ def values_grad(grad_t: torch.Tensor, x: torch.Tensor, layout: Layout, dtype: to
     tokens = x_t.shape[1]
     if tokens == 0 or layout.nnz == 0:
         return torch.zeros(layout.nnz, dtype=dtype, device=x.device)
-    accumulate = torch.float64 if torch.float64 in (grad_t.dtype, x_t.dtype) else torch.float32
-    partial = torch.empty(token_chunks(tokens)[0], layout.nnz, dtype=accumulate, device=x.device)
+    partial = torch.empty(token_chunks(tokens)[0], layout.nnz, dtype=accumulator(grad_t.dtype, x_t.dtype),
+                          device=x.device)
     launch_grid, arguments, constexprs = sddmm_launch(partial, grad_t, x_t, layout.crow, layout.col)
     _sddmm_kernel[launch_grid](*arguments, **constexprs)
     return partial.sum(0).to(dtype)  # a fixed-order reduction: deterministic
