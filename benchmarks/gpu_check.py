@@ -207,6 +207,7 @@ def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) ->
         times = {name: entry["s"] for name, entry in row["methods"].items()}
         if "lora" in times:
             row["ratios_to_lora"] = {name: value / times["lora"] for name, value in times.items()}
+        row["predicted_ratios_to_lora"] = _prediction((out_features, in_features), nnz, tokens, rank)
         strategies = {name.split(":", 1)[1]: value for name, value in times.items()
                       if name.startswith("speft:") and name != "speft:auto"}
         row["fastest_strategy"] = min(strategies, key=strategies.get) if strategies else None
@@ -215,6 +216,17 @@ def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) ->
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"dtype": str(dtype).removeprefix("torch."), "rank": rank, "tokens": tokens, "rows": rows}
+
+
+def _prediction(shape: tuple[int, int], nnz: int, tokens: int, rank: int) -> dict[str, float] | str:
+    """benchmarks/kernel_report.py's predicted ratios to LoRA (H200, 790 TFLOP/s) for one projection, printed beside
+    the measured ones."""
+    try:
+        from kernel_report import predicted_ratios
+
+        return predicted_ratios(shape, nnz, tokens, rank)
+    except ImportError as error:  # the model reads the Triton strategy's block sizes: no Triton, no prediction
+        return f"no prediction: {error}"
 
 
 def _llama(settings: dict, device: torch.device, dtype: torch.dtype, tiny: bool):
@@ -370,6 +382,17 @@ def _ms(entry: dict | None) -> str:
     return f"{entry['s'] * 1e3:.2f}" if entry else "failed"
 
 
+def _measured_and_predicted(row: dict) -> str:
+    """'; ÷ LoRA measured / predicted: triton a / b, dense c / d' for a `kernels` row with a prediction."""
+    predicted, measured = row.get("predicted_ratios_to_lora"), row.get("ratios_to_lora", {})
+    if not isinstance(predicted, dict):
+        return ""
+    pairs = {"triton": "triton kernels, unfolded", "dense": "dense strategy, unfolded"}
+    return "; ÷ LoRA measured / predicted: " + ", ".join(
+        f"{name} {measured[f'speft:{name}']:.2f} / {predicted[path]:.2f}" if f"speft:{name}" in measured
+        else f"{name} — / {predicted[path]:.2f}" for name, path in pairs.items())
+
+
 def table(report: dict) -> str:
     """The Markdown rows the docs show: one per measurement."""
     sections = report["sections"]
@@ -394,7 +417,7 @@ def table(report: dict) -> str:
             f"LoRA / SHiRA / Supertuning / SPEFT auto | {_ms(methods.get('base'))} / {_ms(methods.get('lora'))} / "
             f"{_ms(methods.get('shira'))} / {_ms(methods.get('supertuning'))} / {_ms(auto)} (chose {choice}{ratio}); "
             + ", ".join(f"{name.removeprefix('speft:')} {_ms(methods[name])}" for name in strategies)
-            + "".join(f"; {name} failed" for name in row["errors"]) + " |")
+            + "".join(f"; {name} failed" for name in row["errors"]) + _measured_and_predicted(row) + " |")
     plan = sections.get("plan_8b", {})
     for method in ("lora", "speft"):
         entry = plan.get(method)

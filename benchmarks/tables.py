@@ -1,7 +1,7 @@
 """The benchmark tables of the docs, generated from `benchmarks/results/` so they cannot drift from the measurements.
 
 Every table sits in a Markdown file between `<!-- table:NAME -->` and `<!-- /table -->`; this script rewrites those
-blocks in README.md and benchmarks/README.md from the result files.
+blocks in README.md, benchmarks/README.md and docs/kernels.md from the result files.
 
     python benchmarks/tables.py           # rewrite the blocks
     python benchmarks/tables.py --check   # exit 1 if a block differs from its results (run by the tests)
@@ -19,7 +19,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent
 RESULTS = BENCHMARKS / "results"
-DOCUMENTS = [BENCHMARKS.parent / "README.md", BENCHMARKS / "README.md"]
+DOCUMENTS = [BENCHMARKS.parent / "README.md", BENCHMARKS / "README.md", BENCHMARKS.parent / "docs" / "kernels.md"]
 sys.path.insert(0, str(BENCHMARKS))
 
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "peft LoRA r=8", "supertuning": "peft Supertuning",
@@ -209,6 +209,18 @@ def gpu_check() -> str:
                       "| 8B plan: SPEFT and LoRA step time, measured vs estimated memory | — |"])
 
 
+def kernel_report() -> str:
+    from kernel_report import table
+
+    return table(_json("kernel_report.json"))
+
+
+def kernel_prediction() -> str:
+    from kernel_report import prediction_table
+
+    return prediction_table(_json("kernel_report.json"))
+
+
 def headline() -> str:
     """The README's table: SPEFT against LoRA at the same budget, one line per measured claim."""
     speed = _medians(_lines("memory_speed_speft.jsonl"))
@@ -249,7 +261,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
     "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
     "cli_startup": cli_startup, "serving": serving,
-    "gpu_check": gpu_check,
+    "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -87,7 +87,8 @@ def test_import_hf_speft_loads_neither_trainer_nor_trl():
 
 
 def test_benchmark_tables_match_the_results():
-    """The tables in README.md and benchmarks/README.md are what benchmarks/tables.py makes of benchmarks/results/."""
+    """The tables in README.md, benchmarks/README.md and docs/kernels.md are what benchmarks/tables.py makes of
+    benchmarks/results/."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
