@@ -56,7 +56,9 @@ def test_the_disk_cache_is_reused_after_clearing_memory_and_in_a_fresh_process(m
             "x = torch.randn(12, 11, requires_grad=True)\n"
             "sparse_delta(torch.zeros(12, 13), x, torch.randn(30, requires_grad=True), pattern).sum().backward()\n"
             "print(kernel_choices()[" + repr(key) + "])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": root})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == other
 
