@@ -63,6 +63,15 @@ def test_the_disk_cache_is_reused_after_clearing_memory_and_in_a_fresh_process(m
     assert result.stdout.strip() == other
 
 
+def test_a_decision_is_merged_into_what_another_process_wrote_meanwhile():
+    auto_step()
+    written = json.loads(choice.cache_path().read_text())
+    choice.cache_path().write_text(json.dumps({**written, "another process's bucket": "csr"}))
+    auto_step(tokens=(40,))  # a new token bucket: three more decisions written
+    on_disk = json.loads(choice.cache_path().read_text())
+    assert on_disk["another process's bucket"] == "csr" and len(on_disk) == 3 + 1 + 3
+
+
 def test_the_environment_variable_overrides_the_config(monkeypatch):
     from peft import get_peft_model
     from testing_common import tiny_llama

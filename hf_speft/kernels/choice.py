@@ -166,13 +166,14 @@ def _read_disk() -> dict[str, str]:
 def _write_disk(key: str, name: str) -> None:
     """Merge one decision into the cache file's current content (other processes write it too): a temporary file in
     the same folder replaces it atomically."""
-    _read_disk()[key] = name
+    known = _read_disk()
+    known[key] = name
     path = cache_path()
     try:
-        entries = _load(path)
+        written_since = _load(path)
     except (OSError, ValueError):
-        entries = {}
-    entries = {**_read_disk(), **entries, key: name}
+        written_since = {}
+    entries = {**known, **written_since, key: name}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".kernel_choices.", suffix=".tmp")
