@@ -202,6 +202,39 @@ def test_the_steady_state_reads_nothing_on_the_host(monkeypatch, kernel):
             torch.ones(1).item()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("kernel", ["auto", "dense", "triton"])
+def test_a_cuda_graph_captures_a_steady_state_forward_and_backward(monkeypatch, kernel):
+    """After a warm-up call (measurement, Triton compilation) a forward and backward is captured in a CUDA graph with
+    synchronisation debugging set to error; a replay on new inputs gives their products."""
+    if kernel == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(dense, "CHUNK_ELEMENTS", 64 * 128)  # the blocked values' gradient too
+    problem = make_problem(256, 128, 2000, tokens=(64,), dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run(*problem, kernel=kernel)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            captured = run(*problem, kernel=kernel)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    fresh = make_problem(256, 128, 2000, tokens=(64,), dtype=torch.bfloat16, device="cuda", seed=1,
+                         indices=problem[0].indices.cpu())
+    with torch.no_grad():
+        for static, new in zip(problem[1:], fresh[1:]):
+            static.copy_(new)
+    graph.replay()
+    for got, want in zip(captured, reference(*problem)):
+        assert_matches(got, want, torch.bfloat16, 256, kernel)
+
+
 def test_a_compiled_speft_training_step_with_fullgraph_matches_eager():
     """A tiny Llama with a SPEFT adapter (fold_weights=False: the fold is a forward-time weight write, skipped under
     a trace anyway) compiles with fullgraph=True, forward and backward through AOTAutograd, with the automatic
