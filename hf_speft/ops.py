@@ -30,16 +30,16 @@ kernel_choices = _choice.kernel_choices
 
 def _run(product: str, kernel: str, layout: Layout, operand: torch.Tensor, tokens: int,
          call: Callable[[str], torch.Tensor], measure: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """`call(kernel)`; for `auto` the chosen strategy's, and if it raises, the next choice's (it is recorded)."""
+    """`call(kernel)`; for `auto` the chosen strategy's, whose failure (after its bucket's measurement validated it)
+    raises an error naming it: no fallback, no host synchronisation, no collective."""
     if kernel != "auto":
         return call(kernel)
     bucket = (product, operand.device, operand.dtype, (layout.out_features, layout.in_features), layout.nnz, tokens)
-    while True:  # every failure removes a candidate; with none left `choose` raises
-        name = _choice.choose(*bucket, run=measure)
-        try:
-            return call(name)
-        except Exception as error:  # noqa: BLE001 - recorded, then the next-best strategy computes the product
-            _choice.fail(bucket, name, error)
+    name = _choice.choose(*bucket, run=measure)
+    try:
+        return call(name)
+    except Exception as error:
+        raise _choice.steady_state_error(bucket, name, error) from error
 
 
 @torch.library.custom_op("hf_speft::sparse_delta", mutates_args=())

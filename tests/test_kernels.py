@@ -1,4 +1,4 @@
-"""Every kernel strategy against a dense float64 reference, and the automatic choice.
+"""Every kernel strategy against a dense float64 reference (the automatic choice: tests/test_kernel_choice.py).
 
 Each test forces the strategy it checks, so nothing depends on which one wins on this machine. Without a CUDA device
 the `triton` strategy runs through Triton's interpreter (conftest sets TRITON_INTERPRET=1 before Triton is
@@ -7,19 +7,15 @@ imported); the `cuda` variants run where a GPU is (`pytest -m cuda`)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from distributed_helpers import WORKERS, torchrun_two_processes
 
 import hf_speft.kernels.pattern as pattern_module
 from hf_speft import SparsePeftConfig
 from hf_speft.kernels import choice, dense
-from hf_speft.ops import KERNELS, SparsePattern, kernel_choices, sparse_delta
+from hf_speft.ops import KERNELS, SparsePattern, sparse_delta
 
 STRATEGIES = ["csr", "dense", "triton"]
 DEVICES = [pytest.param("cpu", id="cpu"),
@@ -237,118 +233,6 @@ def test_torch_compile_sees_the_custom_ops(kernel):
 def test_torch_compile_with_inductor():
     torch._dynamo.reset()
     compiled_matches_eager("dense", "inductor")
-
-
-# ---------------------------------------------------------------------------------------------- the automatic choice
-def auto_step(tokens=(2, 6)):
-    problem = make_problem(tokens=tokens)
-    for got, expected in zip(run(*problem, kernel="auto"), reference(*problem)):
-        assert_matches(got, expected, torch.float32, 12, "auto")
-    return problem
-
-
-def test_auto_picks_a_strategy_per_product_and_caches_it_in_memory_and_on_disk():
-    auto_step()
-    choices = kernel_choices()
-    assert sorted(key.split()[0] for key in choices) == ["forward", "input_grad", "values_grad"]
-    assert set(choices.values()) <= {"csr", "dense"}  # triton is never chosen automatically on the CPU
-    assert all(key.endswith("13x11 nnz=30 tokens<=16") for key in choices)
-    on_disk = json.loads(choice.cache_path().read_text())
-    assert {key.split(" [")[0]: name for key, name in on_disk.items()} == choices
-
-
-def test_the_disk_cache_is_reused_after_clearing_memory_and_in_a_fresh_process(monkeypatch):
-    auto_step()
-    key = next(k for k in kernel_choices() if k.startswith("forward"))
-    disk = json.loads(choice.cache_path().read_text())
-    other = {"dense": "csr", "csr": "dense"}[kernel_choices()[key]]
-    disk = {k: (other if k.startswith(key) else v) for k, v in disk.items()}  # a choice no measurement made here
-    choice.cache_path().write_text(json.dumps(disk))
-    choice.clear_memory()
-    monkeypatch.setattr(choice, "_measure", lambda *a: pytest.fail("measured although the disk cache had it"))
-    auto_step()
-    assert kernel_choices()[key] == other
-    code = ("import torch; from hf_speft.kernels import choice; from hf_speft.ops import SparsePattern, "
-            "sparse_delta, kernel_choices\n"
-            "choice._measure = lambda *a: (_ for _ in ()).throw(AssertionError('measured'))\n"
-            "g = torch.Generator().manual_seed(0)\n"
-            "pattern = SparsePattern(torch.randperm(143, generator=g)[:30].sort().values, 13, 11)\n"
-            "x = torch.randn(12, 11, requires_grad=True)\n"
-            "sparse_delta(torch.zeros(12, 13), x, torch.randn(30, requires_grad=True), pattern).sum().backward()\n"
-            "print(kernel_choices()[" + repr(key) + "])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == other
-
-
-def test_the_environment_variable_overrides_the_config(monkeypatch):
-    from peft import get_peft_model
-    from testing_common import tiny_llama
-
-    calls = []
-    original = dense.forward
-    monkeypatch.setattr(dense, "forward", lambda *a: calls.append(1) or original(*a))
-    model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=["q_proj"], salience="magnitude",
-                                                          kernel="csr"))
-    ids = torch.randint(0, 64, (1, 5))
-    monkeypatch.setenv(choice.ENV_KERNEL, "dense")
-    model(input_ids=ids)
-    assert len(calls) == 2  # both q_proj layers ran the dense forward, not the configured csr
-    monkeypatch.setenv(choice.ENV_KERNEL, "fastest")
-    with pytest.raises(ValueError, match=r"HF_SPEFT_KERNEL='fastest' is not allowed; use one of \('auto', 'csr'"):
-        model(input_ids=ids)
-
-
-def test_a_failing_strategy_is_skipped_with_a_warning(monkeypatch):
-    from hf_speft.kernels import csr
-
-    monkeypatch.setattr(csr, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel for this")))
-    monkeypatch.setattr(csr, "values_grad", lambda grad_t, x, layout, dtype: torch.zeros(layout.nnz, dtype=dtype))
-    with pytest.warns(UserWarning) as record:
-        auto_step()  # and the results are right
-    messages = [str(w.message) for w in record]
-    assert any("'csr' kernel is skipped for forward" in m and "no kernel for this" in m for m in messages)
-    assert any("'csr' kernel is skipped for values_grad" in m and "differs from 'dense'" in m for m in messages)
-    choices = kernel_choices()
-    assert all(name == "dense" for key, name in choices.items() if not key.startswith("input_grad"))
-
-
-def test_a_cached_choice_that_fails_later_falls_back(monkeypatch):
-    from hf_speft.kernels import csr
-
-    auto_step()
-    disk = {key: "csr" for key in json.loads(choice.cache_path().read_text())}
-    choice.cache_path().write_text(json.dumps(disk))
-    choice.clear_memory()
-    monkeypatch.setattr(csr, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("broken here")))
-    with pytest.warns(UserWarning, match="'csr' kernel is skipped for forward.*broken here"):
-        auto_step()
-    assert next(name for key, name in kernel_choices().items() if key.startswith("forward")) == "dense"
-
-
-def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten():
-    choice.cache_path().write_text("{not json")
-    with pytest.warns(UserWarning, match="Ignoring the unreadable kernel-choice cache"):
-        auto_step()
-    assert len(json.loads(choice.cache_path().read_text())) == 3
-
-
-def test_eligible_strategies():
-    assert choice.eligible(torch.device("cpu"), torch.bfloat16) == ["dense", "csr"]
-    assert "csr" not in choice.eligible(torch.device("cuda"), torch.bfloat16)  # it would copy x and g to float32
-    assert "csr" in choice.eligible(torch.device("cuda"), torch.float32)
-    assert "triton" in choice.eligible(torch.device("cuda"), torch.bfloat16)
-
-
-@pytest.mark.slow
-def test_every_rank_uses_rank_zeros_choice(tmp_path):
-    """The two ranks' disk caches disagree (and so do their token counts): both use what rank 0 decided."""
-    torchrun_two_processes(WORKERS / "kernel_choice_worker.py", [str(tmp_path)], timeout=300)
-    ranks = [json.loads((tmp_path / f"choices{rank}.json").read_text()) for rank in range(2)]
-    assert [rank["world_size"] for rank in ranks] == [2, 2]
-    forward = [{k: v for k, v in rank["choices"].items() if k.startswith("forward")} for rank in ranks]
-    assert forward[0] == forward[1] and list(forward[0].values()) == ["csr"]
-    assert all(key.endswith("tokens=any") for key in forward[0])
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

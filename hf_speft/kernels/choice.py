@@ -1,15 +1,21 @@
 """Which strategy computes a product: the one asked for, or — for `"auto"` — the fastest one measured.
 
 The automatic choice is made per product (forward, input_grad, values_grad) and bucket: device, dtype, the (out,
-in) shape, nnz and the token count rounded up to a power of two. The first call in a bucket runs every eligible
-strategy on the real operands, drops any that raises or disagrees with the reference strategy (with a warning; it is
-never used for that bucket), times the rest and keeps the fastest. Decisions live in memory and on disk (a JSON file
-under the Hugging Face cache, `$HF_HOME/hf_speft/kernel_choices.json`, or `$HF_SPEFT_KERNEL_CACHE`; keyed by torch
-and Triton versions, written atomically; an unreadable file is ignored with a warning), and each is logged once.
+in) shape, nnz and the token count rounded up to a power of two. The first call in a bucket validates and times every
+eligible strategy on the real operands — the only moment a product's errors are caught and the device synchronised:
+one that raises or disagrees with the reference strategy is dropped with a warning (never used for that bucket), and
+the fastest of the rest is kept. A choice read from the disk cache is validated once per process the same way before
+it is used. After that the chosen strategy runs alone, with no host synchronisation and no fallback: if it raises,
+the error names it and `$HF_SPEFT_KERNEL` (after an asynchronous device fault the device is unusable, so trying the
+next strategy could not help). Decisions live in memory and on disk (a JSON file under the Hugging Face cache,
+`$HF_HOME/hf_speft/kernel_choices.json`, or `$HF_SPEFT_KERNEL_CACHE`; keyed by torch and Triton versions, merged
+into the file's current content and written atomically; an unreadable file is ignored with a warning), and each is
+logged once.
 
-In a distributed run rank 0 decides and broadcasts, so every rank uses the same strategy. The broadcast happens at
-the first call of a bucket, which every rank reaches in the same order in data/FSDP/ZeRO-parallel training; token
-counts may differ between ranks, so there the bucket leaves them out.
+Each process decides on its own, with no collective call: inside an op a rank may meet a new bucket, a failure or a
+whole forward (evaluation, generation) alone, and a collective there would wait forever for the others. Ranks that
+chose differently compute the same products within rounding, and what must be identical across ranks — parameters,
+masks, optimizer state — is derived from all-reduced gradients and scores, never from one rank's activations.
 
 On the CPU `triton` is never chosen automatically (its interpreter is for testing); on CUDA `csr` is not chosen for
 fp16/bf16, where it would copy x and g to float32.
@@ -17,6 +23,7 @@ fp16/bf16, where it would copy x and g to float32.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -92,21 +99,16 @@ def eligible(device: torch.device, dtype: torch.dtype) -> list[str]:
     return names
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def bucket(product: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int,
            tokens: int) -> str:
     """The description of a decision's bucket, as `kernel_choices()` reports it."""
-    token_part = "tokens=any" if _distributed() else f"tokens<={1 << max(tokens - 1, 0).bit_length()}"
     return (f"{product} {_device_name(device)} {str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]} "
-            f"nnz={nnz} {token_part}")
+            f"nnz={nnz} tokens<={1 << max(tokens - 1, 0).bit_length()}")
 
 
 def kernel_choices() -> dict[str, str]:
@@ -140,6 +142,13 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {triton}"
 
 
+def _load(path: Path) -> dict[str, str]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError("not a JSON object of strategy names")
+    return data
+
+
 def _read_disk() -> dict[str, str]:
     global _disk
     if _disk is None:
@@ -147,10 +156,7 @@ def _read_disk() -> dict[str, str]:
         path = cache_path()
         if path.exists():
             try:
-                data = json.loads(path.read_text())
-                if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-                    raise ValueError("not a JSON object of strategy names")
-                _disk = data
+                _disk = _load(path)
             except (OSError, ValueError) as error:
                 warnings.warn(f"Ignoring the unreadable kernel-choice cache {path} ({error}); it will be rewritten.",
                               stacklevel=4)
@@ -158,10 +164,16 @@ def _read_disk() -> dict[str, str]:
 
 
 def _write_disk(key: str, name: str) -> None:
-    """Merge one decision into the cache file: a temporary file in the same folder replaces it atomically."""
-    entries = _read_disk()
-    entries[key] = name
+    """Merge one decision into the cache file's current content (other processes write it too): a temporary file in
+    the same folder replaces it atomically."""
+    known = _read_disk()
+    known[key] = name
     path = cache_path()
+    try:
+        written_since = _load(path)
+    except (OSError, ValueError):
+        written_since = {}
+    entries = {**known, **written_since, key: name}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".kernel_choices.", suffix=".tmp")
@@ -178,9 +190,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _drop(key: str, name: str, why: str) -> None:
+def _drop(key: str, name: str, error: BaseException | str) -> None:
+    why = error if isinstance(error, str) else _describe(error)
     _failures[(key, name)] = why
-    warnings.warn(f"hf_speft: the {name!r} kernel is skipped for {key}: {why}", stacklevel=4)
+    warnings.warn(f"hf_speft: the {name!r} kernel is skipped for {key}: {why}", stacklevel=5)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _device_fault(error: BaseException) -> bool:
+    """An error the device cannot recover from (CUDA's sticky faults): no other strategy can run after it."""
+    return isinstance(error, getattr(torch, "AcceleratorError", ()))
+
+
+def _fault_error(key: str, name: str, error: BaseException) -> RuntimeError:
+    return RuntimeError(f"hf_speft: the {name!r} kernel caused a device fault for {key} ({_describe(error)}); the "
+                        f"device cannot run anything else in this process. Force another strategy with "
+                        f"${ENV_KERNEL} (one of {KERNELS[1:]}) or the config's kernel field.")
+
+
+def _validated_run(key: str, name: str, run: Callable[[str], torch.Tensor], device: torch.device):
+    """`run(name)`, synchronised; None (and the strategy dropped for the bucket) if it raised."""
+    try:
+        result = run(name)  # the first run also compiles (Triton) and warms caches
+        _synchronize(device)
+        return result
+    except Exception as error:  # noqa: BLE001 - a strategy that fails while measured only leaves the choice
+        if _device_fault(error):
+            raise _fault_error(key, name, error) from error
+        _drop(key, name, error)
+        return None
 
 
 def _measure(key: str, names: list[str], run: Callable[[str], torch.Tensor], device: torch.device,
@@ -188,11 +229,8 @@ def _measure(key: str, names: list[str], run: Callable[[str], torch.Tensor], dev
     """Run each strategy on the real operands: drop those that fail or disagree with the reference, time the rest."""
     outputs, times = {}, {}
     for name in sorted(names, key=REFERENCE_ORDER.index):
-        try:
-            result = run(name)  # the first run also compiles (Triton) and warms caches
-            _synchronize(device)
-        except Exception as error:  # noqa: BLE001 - any failure of a strategy only removes it from the choice
-            _drop(key, name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        result = _validated_run(key, name, run, device)
+        if result is None:
             continue
         if outputs:
             reference_name, reference = next(iter(outputs.items()))
@@ -217,33 +255,30 @@ def _measure(key: str, names: list[str], run: Callable[[str], torch.Tensor], dev
 
 def choose(product: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int, tokens: int,
            run: Callable[[str], torch.Tensor]) -> str:
-    """The strategy for `product` in this bucket: remembered, read from disk, or measured now with `run(name)` (the
-    product on the real operands). Rank 0 decides in a distributed run."""
+    """The strategy for `product` in this bucket: remembered (a dictionary look-up: the steady state), or read from
+    disk and validated, or measured now with `run(name)` (the product on the real operands). Never a collective."""
     key = bucket(product, device, dtype, shape, nnz, tokens)
     name = _choices.get(key)
     if name is not None:
         return name
     candidates = [n for n in eligible(device, dtype) if (key, n) not in _failures]
     disk_key = f"{key} [{_versions()}]"
-    source, times = "the disk cache", {}
-    if not _distributed() or torch.distributed.get_rank() == 0:
-        name = _read_disk().get(disk_key)
-        if name not in candidates:
-            name, times = _measure(key, candidates, run, device, dtype)
-            source = "measurement"
-            _write_disk(disk_key, name)
-    if _distributed():
-        box = [name]
-        torch.distributed.broadcast_object_list(box, src=0)
-        name = box[0]
+    name, source, times = _read_disk().get(disk_key), "the disk cache", {}
+    if name not in candidates or _validated_run(key, name, run, device) is None:
+        candidates = [n for n in candidates if (key, n) not in _failures]
+        name, times = _measure(key, candidates, run, device, dtype)
+        source = "measurement"
+        _write_disk(disk_key, name)
     _choices[key] = name
     measured = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in times.items())
     logger.info("hf_speft kernel for %s: %s (from %s%s)", key, name, source, f": {measured}" if measured else "")
     return name
 
 
-def fail(product_key_args: tuple, name: str, error: BaseException) -> None:
-    """Record that the automatically chosen `name` raised for its bucket, so the next choice skips it."""
-    key = bucket(*product_key_args)
-    _choices.pop(key, None)
-    _drop(key, name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+def steady_state_error(product_key_args: tuple, name: str, error: BaseException) -> RuntimeError:
+    """The error for the chosen `name` raising after its bucket's measurement: no fallback (the failure may come from
+    the device, which no other strategy can then use), but a message saying how to force another strategy."""
+    others = [n for n in KERNELS[1:] if n != name]
+    return RuntimeError(f"hf_speft: the automatically chosen {name!r} kernel failed for "
+                        f"{bucket(*product_key_args)}: {_describe(error)}. Set ${ENV_KERNEL} (or the config's kernel "
+                        f"field) to one of {others} to use another strategy.")

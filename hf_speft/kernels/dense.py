@@ -39,15 +39,16 @@ def values_grad(grad: torch.Tensor, x: torch.Tensor, layout: Layout, dtype: torc
     compute = torch.promote_types(grad.dtype, x.dtype)
     grad, x = grad.to(compute), x.to(compute)
     out_features, in_features = layout.out_features, layout.in_features
+    flat = layout.flat.to(torch.int64)
     rows_per_chunk = max(1, min(out_features, CHUNK_ELEMENTS // in_features))
-    starts = list(range(0, out_features, rows_per_chunk))
-    bounds = layout.crow[starts + [out_features]].tolist()  # one host sync for all chunk boundaries
-    result = torch.empty(layout.nnz, dtype=dtype, device=x.device)
-    for i, row in enumerate(starts):
-        lo, hi = bounds[i], bounds[i + 1]
-        if lo == hi:
-            continue
-        block = grad[:, row:row + rows_per_chunk].t() @ x  # (rows, in) of gᵀ·x
-        local = layout.flat[lo:hi].to(torch.int64) - row * in_features
-        result[lo:hi] = block.view(-1)[local].to(dtype)
-    return result
+    if rows_per_chunk == out_features:
+        return (grad.t() @ x).view(-1)[flat].to(dtype)
+    # Which entries a block of rows holds is known only on the device: each block gathers at every entry (clamped)
+    # and keeps its own, so nothing reads the indices on the host (no synchronisation; CUDA graphs can capture it).
+    result = torch.zeros(layout.nnz, dtype=compute, device=x.device)
+    for row in range(0, out_features, rows_per_chunk):
+        block = (grad[:, row:row + rows_per_chunk].t() @ x).view(-1)  # (rows, in) of gᵀ·x
+        local = flat - row * in_features
+        inside = (local >= 0) & (local < block.numel())
+        result = torch.where(inside, block[local.clamp(0, block.numel() - 1)], result)
+    return result.to(dtype)
