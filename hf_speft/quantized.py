@@ -76,8 +76,10 @@ def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.
     indices, values = layer.delta_entries(adapter_name)
     bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
     result = TransientMergeFn.apply(x.to(dtype), indices, values, bias, base_layer).to(x.dtype)
-    result = sparse_delta(result, x, layer.speft_values[adapter_name], layer.pattern(adapter_name), add_delta=False,
-                          kernel=layer.speft_kernel.get(adapter_name, "auto"))
+    trainable = layer.speft_values[adapter_name]
+    if trainable.requires_grad and torch.is_grad_enabled():  # the values' gradient: the SDDMM in backward
+        result = sparse_delta(result, x, trainable, layer.pattern(adapter_name), add_delta=False,
+                              kernel=layer.speft_kernel.get(adapter_name, "auto"))
     if adapter_name in layer.speft_lora_A:
         result = result + layer.low_rank_output(adapter_name, x).to(result.dtype)
     return result

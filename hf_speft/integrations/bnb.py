@@ -1,8 +1,9 @@
 """bitsandbytes 8-bit and 4-bit base layers: dequantised reads, and merges by dequantise → add → requantise.
 
-SPEFT layers wrap `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` like any `nn.Linear`: the forward calls the quantized
-base layer and adds the sparse correction, so training never dequantises or copies a weight. This module is only
-imported when a quantized base is met.
+SPEFT wraps `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` in `hf_speft.quantized.QuantizedLinear`, whose transient
+merge computes with `compute_weight` (a dequantized copy per product, as bitsandbytes' own training product makes);
+the unmerged forward calls the quantized base layer and adds the sparse correction. This module is only imported when
+a quantized base is met.
 
 4-bit weights come in two layouts. The standard one (`quant_state.shape`-ordered nibbles, absmax per block) is what
 `bitsandbytes.functional.dequantize_4bit` reads. On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit`'s
