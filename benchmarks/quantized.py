@@ -4,7 +4,7 @@ Each method trains a tiny Llama (hidden 512, 2 layers, vocab 8192, batch 4x128, 
 LoRA r=8 and SPEFT at the same budget) loaded with `--base` quantization, in a fresh subprocess; rounds are
 interleaved and every figure is also a ratio to LoRA on the same quantized base in the same round.
 `speft_auto` is `fold_weights="auto"` (the transient merge where it is the faster product, `hf_speft/quantized.py`:
-always in training; for no-grad forwards on the standard layouts, not on the packed one); `speft_unmerged` the
+always in training; for no-grad forwards of several tokens on the standard layouts); `speft_unmerged` the
 bitsandbytes base product plus the sparse correction everywhere (what every quantized layer ran before the merge).
 `--base 4bit_packed` runs the 4-bit layers in bitsandbytes' packed AVX512-BF16 CPU layout (one no-grad eval forward
 packs them, as it does in real use); it needs such a CPU. On that layout the packed kernel has no backward, so

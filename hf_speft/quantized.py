@@ -13,9 +13,10 @@ So a step runs bitsandbytes' two dequantized GEMMs and the SDDMM, without the fo
 products; peak memory grows by at most one layer's dequantized weight, which bitsandbytes' own product allocates too.
 Nothing is written into the layer: every reader sees the quantized weight at every moment.
 
-`fold_weights` chooses, per adapter: True merges always, "auto" where it is the faster product (see
-`QuantizedLinear.merges`), False never — except that a packed 4-bit layer (bitsandbytes' AVX512-BF16 CPU layout) whose
-input needs a gradient always merges: bitsandbytes' packed kernel has no backward and would drop the input gradient.
+`fold_weights` chooses, per adapter: True merges always, "auto" where it is the faster product (in training, and for
+no-grad forwards of several tokens on the standard layouts: `QuantizedLinear.merges`), False never — except that a
+packed 4-bit layer (bitsandbytes' AVX512-BF16 CPU layout) whose input needs a gradient always merges: bitsandbytes'
+packed kernel has no backward and would drop the input gradient.
 """
 
 from __future__ import annotations
@@ -98,7 +99,12 @@ class QuantizedLinear(Linear):
     def merges(self, x: torch.Tensor) -> Optional[str]:
         """The adapter this forward merges transiently, or None for the plain forward: one calibrated active adapter,
         not disabled nor merged, whose `fold_weights` is True, or "auto" where the merge is the faster product, or
-        any value on a packed 4-bit weight when x needs a gradient (the packed kernel has none)."""
+        any value on a packed 4-bit weight when x needs a gradient (the packed kernel has none).
+
+        "auto" merges every forward with gradients and every no-grad forward of several tokens on a standard layout:
+        there bitsandbytes dequantizes for its own product too. A no-grad forward of one token (a decoding step) or
+        on the packed layout keeps bitsandbytes' product (its fused 4-bit kernel for one token on GPUs, its packed
+        CPU kernel), which reads no dequantized copy, plus the sparse correction."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         active = self.calibrated_active_adapters()
@@ -110,6 +116,6 @@ class QuantizedLinear(Linear):
         packed = is_cpu_packed(self.get_base_layer().weight)
         if mode is True or (packed and needs_input_grad):
             return adapter_name
-        if mode == "auto" and not packed:  # the packed kernel + correction is the faster no-grad product
+        if mode == "auto" and not packed and (torch.is_grad_enabled() or x.numel() > x.shape[-1]):
             return adapter_name
         return None

@@ -169,12 +169,15 @@ def test_nothing_weight_sized_is_saved_for_backward(wide_checkpoint, layout):
 
 
 def test_the_choice_of_product(wide_checkpoint):
-    """Merged only for one calibrated active adapter that asks for it; a packed weight whose input needs a gradient
-    always merges (bitsandbytes' packed kernel has no backward)."""
+    """Merged only for one calibrated active adapter that asks for it; "auto" keeps bitsandbytes' own product for a
+    no-grad forward of one token; a packed weight whose input needs a gradient always merges (bitsandbytes' packed
+    kernel has no backward)."""
     model = speft(wide_checkpoint, "4bit", "auto")
     layer = sparse_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
-    x, x_grad = torch.randn(1, 64), torch.randn(1, 64, requires_grad=True)
-    assert layer.merges(x) == layer.merges(x_grad) == "default"
+    x, x_grad = torch.randn(2, 64), torch.randn(1, 64, requires_grad=True)
+    assert layer.merges(x) == layer.merges(x[:1]) == layer.merges(x_grad) == "default"
+    with torch.no_grad():
+        assert layer.merges(x) == "default" and layer.merges(x[:1]) is None and layer.merges(x[:1, None]) is None
     with model.disable_adapter():
         assert layer.merges(x_grad) is None
     model.add_adapter("other", SparsePeftConfig(target_modules=ALL_PROJECTIONS, density=0.05,
@@ -215,3 +218,21 @@ def test_merge_unmerge_and_save_with_the_transient_merge(wide_checkpoint, layout
     assert not sparse_layers(unloaded)
     with torch.no_grad():
         torch.testing.assert_close(unloaded(**inputs).logits, merged_out, rtol=0, atol=0)
+
+
+def test_a_base_forward_between_forward_and_backward_changes_no_gradient(wide_checkpoint):
+    """trl's DPO pattern: a reference forward under `disable_adapter()` between the policy forward and its backward.
+    The merge keeps nothing in the layer, so the gradients are those of a plain forward and backward."""
+    model = speft(wide_checkpoint, "4bit", True)
+    expected_input, expected_values = gradients(model)
+    model.zero_grad()
+    ids = batch()["input_ids"]
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = model(inputs_embeds=embeds, labels=ids).loss
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=ids)
+    loss.backward()
+    assert torch.equal(embeds.grad, expected_input)
+    for name, parameter in model.named_parameters():
+        if "speft_values" in name:
+            assert torch.equal(parameter.grad, expected_values[name]), name
