@@ -109,6 +109,7 @@ def worker(method: str, args) -> dict:
         "method": method,
         "base": args.base,
         "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in trainable),
         "step_time_s": statistics.median(times),
         "inference_time_s": inference,
