@@ -60,6 +60,26 @@ def memory_speed(name: str) -> str:
     return "\n".join(lines)
 
 
+QUANTIZED_BASES = {"8bit": "8-bit", "4bit": "4-bit", "4bit_packed": "4-bit, packed CPU layout"}
+QUANTIZED_METHODS = {"lora": "peft LoRA r=8", "speft_unmerged": "hf-speft unmerged (base product + sparse correction)",
+                     "speft_auto": "**hf-speft `fold_weights=\"auto\"`** (transient merge)"}
+
+
+def quantized() -> str:
+    """One row per quantized base and method, from `quantized_<base>.jsonl` (bases not measured are left out)."""
+    lines = ["| base | method | step s | step ÷LoRA | no-grad forward ÷LoRA | 1-token forward ÷LoRA | "
+             "peak extra RSS ÷LoRA | saved-for-backward ÷LoRA |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for base, base_name in QUANTIZED_BASES.items():
+        if not (RESULTS / f"quantized_{base}.jsonl").exists():
+            continue
+        for method, row in _medians(_lines(f"quantized_{base}.jsonl")).items():
+            lines.append(f"| {base_name} | {QUANTIZED_METHODS.get(method, method)} | {row['step_time_s']:.3f} | "
+                         f"{row['step_time_s/lora']:.2f} | {row['inference_time_s/lora']:.2f} | "
+                         f"{row['decode_time_s/lora']:.2f} | {row['peak_extra_rss_bytes/lora']:.2f} | "
+                         f"{row['saved_for_backward_bytes/lora']:.2f} |")
+    return "\n".join(lines)
+
+
 def trainer_run() -> str:
     medians = _medians(_lines("trainer_run.jsonl"))
     lines = ["| method | trainable | step s | step ÷LoRA | peak extra RSS ÷LoRA | salience s | one dynamic update s "
@@ -260,7 +280,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
     "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
-    "cli_startup": cli_startup, "serving": serving,
+    "cli_startup": cli_startup, "serving": serving, "quantized": quantized,
     "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)

@@ -74,11 +74,13 @@ class SparsePeftConfig(PeftConfig):
         fold_weights: Opt-in speed mode: while training, keep the delta written into the frozen base weight (the
             original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
             restored for saving, `disable_adapter`, adapter switches and merges. True always folds (refused for
-            quantized or sharded (ZeRO-3) bases and with several active adapters); `"auto"` folds only where it is
-            exact and nothing else sees the weight (a frozen float32/float64 `nn.Parameter` base, not shared, not
-            quantized or sharded, one active adapter, no `lora_r`, no `torch.compile` trace; bf16/fp16 rounding of
-            W0+Δ drops small deltas) and runs unfolded elsewhere. Off by default: a folded base weight, read
-            directly (not through `state_dict`), holds W0+Δ while training, where peft's tuners leave it unchanged.
+            sharded (ZeRO-3) bases and with several active adapters; on a bitsandbytes 8-bit/4-bit base, True and
+            "auto" select the transient merge, which writes nothing into the base: `hf_speft.quantized`); `"auto"`
+            folds only where it is exact and nothing else sees the weight (a frozen float32/float64 `nn.Parameter`
+            base, not shared, not quantized or sharded, one active adapter, no `lora_r`, no `torch.compile` trace;
+            bf16/fp16 rounding of W0+Δ drops small deltas) and runs unfolded elsewhere. Off by default: a folded
+            base weight, read directly (not through `state_dict`), holds W0+Δ while training, where peft's tuners
+            leave it unchanged.
         lora_r: Hybrid mode (sparse + low-rank, as in RoSA): with `lora_r > 0` every target also trains a rank-`lora_r`
             pair B·A in the same adapter. The budget (`density`, `num_params` or `match_lora_rank`) counts both parts:
             the low-rank part takes exactly Σ lora_r·(m+n) weights, the sparse mask gets the rest. 0: sparse only.
@@ -148,7 +150,8 @@ class SparsePeftConfig(PeftConfig):
     )
     fold_weights: Union[bool, Literal["auto"]] = field(
         default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training; "
-                                           "'auto' folds only float32/float64 plain frozen bases."}
+                                           "'auto' folds only float32/float64 plain frozen bases; on bitsandbytes "
+                                           "bases True/'auto' merge transiently instead."}
     )
     lora_r: int = field(
         default=0, metadata={"help": "Hybrid mode: rank of a low-rank pair trained beside the sparse delta (0: none)."}

@@ -182,10 +182,10 @@ class SparsePeftLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SparsePeftConfig, **kwargs: Any) -> None:
         """Add an adapter with an empty mask; `SparsePeftModel` fills it once all targets are known."""
         base_layer = self.get_base_layer()
-        if config.fold_weights is True and not base_weight_is_writable(base_layer):
-            raise ValueError(
-                f"fold_weights=True needs a plain floating-point base weight to write into, but {type(base_layer)} "
-                "holds a quantized or sharded weight; use fold_weights=False for this model."
+        if config.fold_weights is True and not (base_weight_is_writable(base_layer) or is_quantized(base_layer)):
+            raise ValueError(  # a quantized base merges transiently instead (`hf_speft.quantized`)
+                f"fold_weights=True needs a plain floating-point or bitsandbytes-quantized base weight, but "
+                f"{type(base_layer)} holds a sharded weight; use fold_weights=False for this model."
             )
         self.speft_salience[adapter_name] = config.salience
         self.speft_fold_weights[adapter_name] = False if config.lora_r else config.fold_weights  # folds sparse only

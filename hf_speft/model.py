@@ -22,7 +22,8 @@ from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterErro
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
 from .integrations.compat import is_partitioned, rebind_peft_model_methods
-from .layer import SUPPORTED_LAYERS, AdapterRows, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
+from .layer import (SUPPORTED_LAYERS, AdapterRows, Linear, SparsePeftLayer, base_weight_is_writable, is_quantized,
+                    sparse_layers)
 from .masks import SparseMasks
 
 def check_saveable(peft_model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
@@ -142,6 +143,10 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 f"Target module {target.__class__.__name__} is not supported by SPEFT; supported are "
                 "torch.nn.Linear and transformers' Conv1D."
             )
+        if is_quantized(base):  # bitsandbytes: the transient merge (loaded only when a quantized base is met)
+            from .quantized import QuantizedLinear
+
+            return QuantizedLinear(target, adapter_name, config=config, **kwargs)
         return Linear(target, adapter_name, config=config, **kwargs)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -164,8 +169,8 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         """Wrap the targets and check the budget fits them, then build the mask right away when the configured salience
-        measure needs no data. A refusal on the way (a budget the targets cannot hold, `fold_weights` on a quantized
-        base, an unsupported layer, ...) leaves `model` as it was: see `_undone_on_error`."""
+        measure needs no data. A refusal on the way (a budget the targets cannot hold, `fold_weights=True` on a
+        ZeRO-3 sharded base, an unsupported layer, ...) leaves `model` as it was: see `_undone_on_error`."""
         self.check_injectable(adapter_name)
         with self._undone_on_error(model, adapter_name):
             super().inject_adapter(

@@ -23,3 +23,16 @@ def kernel_choice_cache(tmp_path_factory) -> str:
     os.environ["HF_SPEFT_KERNEL_CACHE"] = path
     return path
 
+
+
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory):
+    """A saved tiny Llama whose 4-bit layers bitsandbytes can pack (in_features >= its 64-weight block, out % 32 == 0):
+    the quantized-base tests' model (test_bnb.py, test_bnb_merge.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("wide_base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    return folder

@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from trainer_helpers import base_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hf_speft import SparsePeftConfig, calibrate, sparse_layers
 from hf_speft.integrations.bnb import dequantized_weight, is_cpu_packed
@@ -33,16 +33,6 @@ QUANTIZATION = {
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     base_model().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def wide_checkpoint(tmp_path_factory):
-    """A tiny Llama whose 4-bit layers bitsandbytes can pack (in_features >= its 64-weight block, out % 32 == 0)."""
-    folder = tmp_path_factory.mktemp("wide_base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
     return folder
 
 

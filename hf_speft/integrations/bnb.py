@@ -1,8 +1,9 @@
 """bitsandbytes 8-bit and 4-bit base layers: dequantised reads, and merges by dequantise → add → requantise.
 
-SPEFT layers wrap `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` like any `nn.Linear`: the forward calls the quantized
-base layer and adds the sparse correction, so training never dequantises or copies a weight. This module is only
-imported when a quantized base is met.
+SPEFT wraps `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` in `hf_speft.quantized.QuantizedLinear`, whose transient
+merge computes with `compute_weight` (a dequantized copy per product, as bitsandbytes' own training product makes);
+the unmerged forward calls the quantized base layer and adds the sparse correction. This module is only imported when
+a quantized base is met.
 
 4-bit weights come in two layouts. The standard one (`quant_state.shape`-ordered nibbles, absmax per block) is what
 `bitsandbytes.functional.dequantize_4bit` reads. On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit`'s
@@ -88,3 +89,26 @@ def write_requantized(base_layer: nn.Module, weight: torch.Tensor) -> None:
         options = {key: getattr(old, key) for key in ("blocksize", "compress_statistics", "quant_type",
                                                       "quant_storage", "module") if hasattr(old, key)}
         base_layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, **options).to(old.device)
+
+
+def compute_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh (out_features, in_features) copy of a quantized layer's weight in `dtype`, dequantized as bitsandbytes'
+    own CPU/XPU training product does (8-bit: CB·SCB/127, `MatMul8bitFp`; 4-bit: `dequantize_4bit`), so a product with
+    it is the layer's own. Reads either 4-bit layout and never changes the layer."""
+    weight = base_layer.weight
+    if type(weight).__name__ == "Int8Params":
+        state = base_layer.state  # bitsandbytes moves CB/SCB from the weight to the state on the first forward
+        cb = state.CB if state.CB is not None else weight.CB
+        scb = state.SCB if state.SCB is not None else weight.SCB
+        if cb is None or scb is None:  # has_fp16_weights: not quantized yet
+            return dequantized_weight(base_layer).to(dtype)
+        return cb.to(dtype, copy=True).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+    from bitsandbytes.functional import dequantize_4bit
+
+    data, state = standard_layout_copy(weight) if is_cpu_packed(weight) else (weight.data, weight.quant_state)
+    return dequantize_4bit(data, state).to(dtype)
+
+
+def compute_dtype(base_layer: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the quantized layer computes its product in: a 4-bit layer's `compute_dtype`, else the input's."""
+    return getattr(base_layer, "compute_dtype", None) or x.dtype
