@@ -372,3 +372,56 @@ def test_hybrid_folds_the_sparse_part_and_adds_the_low_rank_part(folds):
     assert folds
     assert_same_grads(unfolded, folded)
     assert any("speft_lora_A" in name for name in trainable_grads(folded))
+
+
+# ------------------------------------------------------------------------------------------- trainers, dynamic masks
+def test_dynamic_mask_updates_keep_exact_gradients(folds):
+    """After a mask update the delta has a frozen residual: it is folded with the mask, its gradient is none."""
+    unfolded, folded = pair()
+    for model in (unfolded, folded):
+        for layer in sparse_layers(model).values():
+            numel = layer.out_features * layer.in_features
+            moved = (layer.speft_indices["default"].long() + numel // 2) % numel  # mostly new entries
+            layer.update_mask("default", moved.sort().values)
+        assert any("default" in layer.speft_residual_indices for layer in sparse_layers(model).values())
+        model.train()
+        loss_of(model).backward()
+    assert folds
+    assert_same_grads(unfolded, folded)
+    batch = inputs_for("llama", seed=3)
+    torch.testing.assert_close(logits(folded, batch), logits(unfolded, batch), atol=1e-5, rtol=1e-5)
+
+
+def trained_values(trainer) -> torch.Tensor:
+    trainer.train()
+    return torch.cat([layer.speft_values["default"].detach() for layer in sparse_layers(trainer.model).values()])
+
+
+def test_speft_trainer_with_dynamic_updates_trains_alike_folded_or_not(tmp_path, folds):
+    from trainer_helpers import speft_model, speft_trainer
+
+    runs = [trained_values(speft_trainer(speft_model(fold_weights=fold_weights, mask_update="dynamic",
+                                                     update_interval=2), tmp_path / str(fold_weights),
+                                         max_steps=4, optim="sgd", learning_rate=1e-2))
+            for fold_weights in (False, "auto")]
+    assert folds and runs[0].abs().sum() > 0
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=1e-4)
+
+
+def test_sft_trainer_trains_alike_folded_or_not(tmp_path, folds):
+    from test_trl import TARGETS, counting_prompts, word_tokenizer
+    from trainer_helpers import speft_model
+    from trl import SFTConfig
+
+    import hf_speft
+
+    runs = []
+    for fold_weights in (False, "auto"):
+        args = SFTConfig(str(tmp_path / str(fold_weights)), max_steps=3, per_device_train_batch_size=8,
+                         learning_rate=1e-2, optim="sgd", report_to=[], save_strategy="no", use_cpu=True,
+                         disable_tqdm=True, completion_only_loss=True, bf16=False)
+        runs.append(trained_values(hf_speft.SpeftSFTTrainer(
+            model=speft_model(target_modules=TARGETS, fold_weights=fold_weights), args=args,
+            train_dataset=counting_prompts(), processing_class=word_tokenizer())))
+    assert folds and runs[0].abs().sum() > 0
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=1e-4)
