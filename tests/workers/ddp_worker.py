@@ -1,7 +1,7 @@
 """Worker for the DDP tests, run as `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR MODE`:
 
-- MODE `train`: trains a SPEFT adapter with dynamic masks through SpeftTrainer and saves each rank's world size,
-  masks and values to OUT_DIR/rank{r}.pt.
+- MODE `train`: trains a SPEFT adapter with dynamic masks through SpeftTrainer, folded (the default) and unfolded,
+  and saves each rank's world size, masks and values to OUT_DIR/rank{r}.pt.
 - MODE `salience`: calibrates on this rank's share of `salience_batches()` (rank r takes batches r, r + W, ...) and
   saves the masks, to compare with one process calibrating on all of them.
 - MODE `fsdp2`: calibrates as in `salience`, shards the model with torch FSDP2 (`fully_shard` per decoder layer and
@@ -42,12 +42,14 @@ def salience(out_dir: str) -> None:
 
 
 def train(out_dir: str) -> None:
-    model = speft_model(mask_update="dynamic", update_interval=2, salience_batches=2)
-    trainer = speft_trainer(model, out_dir, max_steps=4, per_device_train_batch_size=4)
-    trainer.train()
-    state = {name: (layer.speft_indices["default"], layer.speft_values["default"].detach())
-             for name, layer in sparse_layers(model).items()}
-    torch.save({"world_size": dist.get_world_size(), "state": state,
+    runs = {}
+    for fold_weights in ("auto", False):  # the default folds; the unfolded run is the reference for its gradients
+        model = speft_model(mask_update="dynamic", update_interval=2, salience_batches=2, fold_weights=fold_weights)
+        trainer = speft_trainer(model, out_dir, max_steps=4, per_device_train_batch_size=4)
+        trainer.train()
+        runs[fold_weights] = {name: (layer.speft_indices["default"], layer.speft_values["default"].detach())
+                              for name, layer in sparse_layers(model).items()}
+    torch.save({"world_size": dist.get_world_size(), "state": runs["auto"], "unfolded": runs[False],
                 "churn_logged": any("speft/mask_churn" in log for log in trainer.state.log_history)},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
