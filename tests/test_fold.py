@@ -425,3 +425,27 @@ def test_sft_trainer_trains_alike_folded_or_not(tmp_path, folds):
             train_dataset=counting_prompts(), processing_class=word_tokenizer())))
     assert folds and runs[0].abs().sum() > 0
     torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=1e-4)
+
+
+def test_autocast_computes_with_the_cast_of_the_folded_fp32_weight():
+    """An fp32 base under bf16 autocast: the fold's product is autocast's bf16 cast of W0+Δ (AMP's master-weight
+    copy), bit for bit, and the gradients match the unfolded path to bf16's resolution."""
+    results = []
+    for fold_weights in (False, "auto"):
+        torch.manual_seed(0)
+        model = get_peft_model(One("linear"), SparsePeftConfig(target_modules=["lin"], density=0.2,
+                                                              salience="magnitude", init_weights=False,
+                                                              fold_weights=fold_weights))
+        layer = model.base_model.model.lin
+        x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        results.append((out.detach(), x.grad, layer.speft_values["default"].grad))
+    merged = layer.base_layer.weight.detach().clone()
+    merged.view(-1)[layer.speft_indices["default"].long()] += layer.speft_values["default"].detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(results[1][0], nn.functional.linear(x.detach(), merged, layer.base_layer.bias))
+    for expected, got in zip(*results):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
