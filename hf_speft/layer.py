@@ -5,7 +5,8 @@ weight, int32 when they fit), `speft_values` (the trainable deltas, one per inde
 loading can check the base model). After dynamic mask updates, the deltas of entries that left the mask live on as a
 frozen residual (`speft_residual_indices` / `speft_residual_values`, disjoint from the mask), so the adapter always
 holds the whole fine-tune. In hybrid mode (`lora_r > 0`) an adapter also holds a low-rank pair `speft_lora_A` (r, in)
-and `speft_lora_B` (out, r), added as LoRA adds it. Forward order follows peft's tuners: disabled -> merged -> deltas.
+and `speft_lora_B` (out, r), added as LoRA adds it. Forward order follows peft's tuners: disabled -> merged -> deltas,
+folded into the base product where `hf_speft.fold` applies (`fold_weights`), else added by the sparse ops.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class SparsePeftLayer(BaseTunerLayer):
         if config.fold_weights is True and not base_weight_is_writable(base_layer):
             raise ValueError(
                 f"fold_weights=True needs a plain floating-point base weight to write into, but {type(base_layer)} "
-                "holds a quantized or sharded weight; use fold_weights=False for this model."
+                "holds a quantized or sharded weight; use fold_weights='auto' (the default), which runs unfolded there."
             )
         self.speft_salience[adapter_name] = config.salience
         self.speft_fold_weights[adapter_name] = config.fold_weights
