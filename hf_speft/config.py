@@ -71,16 +71,17 @@ class SparsePeftConfig(PeftConfig):
         update_interval: Optimizer steps between dynamic mask updates.
         reset_optimizer: On a dynamic update, `"new"` zeroes the optimizer state of entries new to the mask and keeps
             it for entries that stay; `"all"` resets every entry's state (as in the paper).
-        fold_weights: Opt-in speed mode: while training, keep the delta written into the frozen base weight (the
-            original entries are kept, O(nnz)) so the forward costs exactly the base layer's GEMM. The base is
-            restored for saving, `disable_adapter`, adapter switches and merges. True always folds (refused for
-            sharded (ZeRO-3) bases and with several active adapters; on a bitsandbytes 8-bit/4-bit base, True and
-            "auto" select the transient merge, which writes nothing into the base: `hf_speft.quantized`); `"auto"`
-            folds only where it is exact and nothing else sees the weight (a frozen float32/float64 `nn.Parameter`
-            base, not shared, not quantized or sharded, one active adapter, no `lora_r`, no `torch.compile` trace;
-            bf16/fp16 rounding of W0+Δ drops small deltas) and runs unfolded elsewhere. Off by default: a folded
-            base weight, read directly (not through `state_dict`), holds W0+Δ while training, where peft's tuners
-            leave it unchanged.
+        fold_weights: How the delta reaches the base product. `"auto"` (default) folds it: W0+Δ is written into the
+            frozen base weight only while the layer's own base GEMM runs (forward, and the input-gradient GEMM in
+            backward) and W0 written back right after, so a forward costs the base GEMM alone and every reader sees
+            W0 at all other times. bf16/fp16 bases compute with round_to_base_dtype(W0 + values) from the saved W0
+            entries, as a bf16 merge of the adapter (and AMP's copy of fp32 master weights) does; the values stay
+            float32 and get the exact gradient gᵀx at the mask. `"auto"` runs unfolded (base output plus a sparse
+            correction) with several active adapters, bases with hooks (accelerate offload), sharded (ZeRO-3, FSDP)
+            or meta weights, and under `torch.compile` traces. On a bitsandbytes 8-bit/4-bit base, True and "auto"
+            select the transient merge instead, which writes nothing into the base (`hf_speft.quantized`). True
+            folds or raises naming why it cannot; False never folds. Hybrid mode folds its sparse part and adds the
+            low-rank part as LoRA does.
         lora_r: Hybrid mode (sparse + low-rank, as in RoSA): with `lora_r > 0` every target also trains a rank-`lora_r`
             pair B·A in the same adapter. The budget (`density`, `num_params` or `match_lora_rank`) counts both parts:
             the low-rank part takes exactly Σ lora_r·(m+n) weights, the sparse mask gets the rest. 0: sparse only.
@@ -149,9 +150,10 @@ class SparsePeftConfig(PeftConfig):
         default="new", metadata={"help": "Dynamic updates reset optimizer state of 'new' entries only, or of 'all'."}
     )
     fold_weights: Union[bool, Literal["auto"]] = field(
-        default=False, metadata={"help": "Opt-in speed mode: keep the delta folded into the base weight in training; "
-                                           "'auto' folds only float32/float64 plain frozen bases; on bitsandbytes "
-                                           "bases True/'auto' merge transiently instead."}
+        default="auto", metadata={"help": "'auto': fold the delta into the frozen base weight only while the layer's "
+                                            "own GEMMs run (bf16/fp16 bases: a bf16 merge's numerics), unfolded where "
+                                            "folding does not apply, a transient merge on bitsandbytes bases; "
+                                            "True: fold or raise; False: never fold."}
     )
     lora_r: int = field(
         default=0, metadata={"help": "Hybrid mode: rank of a low-rank pair trained beside the sparse delta (0: none)."}
@@ -272,8 +274,6 @@ class SparsePeftConfig(PeftConfig):
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number.")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must satisfy 0 <= lora_dropout < 1.")
-        if self.lora_r and self.fold_weights is True:
-            raise ValueError("fold_weights=True folds only a sparse delta; it cannot be combined with lora_r > 0.")
 
     def budget_split(self, weight_shapes: list[tuple[int, int]]) -> tuple[int, int]:
         """(sparse, low-rank) numbers of trainable weights across targets of the given (out, in) shapes: the

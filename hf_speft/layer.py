@@ -5,7 +5,8 @@ weight, int32 when they fit), `speft_values` (the trainable deltas, one per inde
 loading can check the base model). After dynamic mask updates, the deltas of entries that left the mask live on as a
 frozen residual (`speft_residual_indices` / `speft_residual_values`, disjoint from the mask), so the adapter always
 holds the whole fine-tune. In hybrid mode (`lora_r > 0`) an adapter also holds a low-rank pair `speft_lora_A` (r, in)
-and `speft_lora_B` (out, r), added as LoRA adds it. Forward order follows peft's tuners: disabled -> merged -> deltas.
+and `speft_lora_B` (out, r), added as LoRA adds it. Forward order follows peft's tuners: disabled -> merged -> deltas,
+folded into the base product where `hf_speft.fold` applies (`fold_weights`), else added by the sparse ops.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fold import entries_with_delta, flat_weight, fold_blocker, folded_product
 from .integrations.compat import BufferDict, in_out_features, is_partitioned
 from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
@@ -43,20 +45,6 @@ def base_weight_is_writable(base_layer: nn.Module) -> bool:
         and type(weight) in (torch.Tensor, nn.Parameter)
         and not is_partitioned(weight)
         and weight.numel() > 0
-    )
-
-
-def folds_exactly(base_layer: nn.Module) -> bool:
-    """Whether `fold_weights="auto"` may write the delta into this base weight: a frozen float32/float64
-    `nn.Parameter` that owns its storage (not a view, as into an FSDP flat parameter) and is writable. In bf16/fp16,
-    W0+Δ rounds the delta relative to the weight (small deltas vanish); other weights are sharded, trained or shared."""
-    weight = getattr(base_layer, "weight", None)
-    return (
-        base_weight_is_writable(base_layer)
-        and weight.dtype in (torch.float32, torch.float64)
-        and type(weight) is nn.Parameter
-        and not weight.requires_grad
-        and weight._base is None
     )
 
 
@@ -105,33 +93,6 @@ def _positions_in(sorted_reference: torch.Tensor, query: torch.Tensor) -> torch.
     return torch.where(sorted_reference[positions] == query, positions, -1)
 
 
-def _restore_base_hook(module: SparsePeftLayer, *args: Any) -> None:
-    """State-dict (load) pre-hook: the base weight is read or written only in its original, unfolded state."""
-    module.restore_base_weight()
-
-
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _fingerprint(entries: torch.Tensor) -> torch.Tensor:
-    """An exact fingerprint of float entries (their bit patterns summed as integers; a 0-dim tensor, so computing it
-    needs no device sync): a write to them changes it."""
-    return entries.view(_BITS[entries.element_size()]).sum(dtype=torch.int64)
-
-
-@dataclass
-class _FoldedDelta:
-    """An adapter whose delta is currently written into the base weight, the entries it replaced, the fingerprint of
-    the entries written, and whether a re-fold found them changed by a write from outside (`tampered`)."""
-
-    adapter: str
-    positions: torch.Tensor
-    original: torch.Tensor
-    values_version: tuple[int, int]
-    written: torch.Tensor
-    tampered: torch.Tensor
-
-
 class AdapterRows(list):
     """A mixed batch's adapter names, one per row, that also groups the rows by adapter: once per device, shared by
     every layer of a forward (and every step of a `generate`) that receives this list."""
@@ -155,7 +116,6 @@ class SparsePeftLayer(BaseTunerLayer):
                          "speft_lora_scaling", "speft_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._folded: Optional[_FoldedDelta] = None
         self.base_layer = base_layer
         self.speft_values = nn.ParameterDict({})
         self.speft_indices = BufferDict({}, persistent=True)
@@ -185,10 +145,11 @@ class SparsePeftLayer(BaseTunerLayer):
         if config.fold_weights is True and not (base_weight_is_writable(base_layer) or is_quantized(base_layer)):
             raise ValueError(  # a quantized base merges transiently instead (`hf_speft.quantized`)
                 f"fold_weights=True needs a plain floating-point or bitsandbytes-quantized base weight, but "
-                f"{type(base_layer)} holds a sharded weight; use fold_weights=False for this model."
+                f"{type(base_layer)} holds a sharded weight; use fold_weights='auto' (the default), which runs "
+                "unfolded there."
             )
         self.speft_salience[adapter_name] = config.salience
-        self.speft_fold_weights[adapter_name] = False if config.lora_r else config.fold_weights  # folds sparse only
+        self.speft_fold_weights[adapter_name] = config.fold_weights
         self.speft_kernel[adapter_name] = config.kernel
         self.speft_weight_shape[adapter_name] = torch.tensor([self.out_features, self.in_features])
         self.set_mask(adapter_name, torch.zeros(0, dtype=torch.int64))
@@ -281,7 +242,6 @@ class SparsePeftLayer(BaseTunerLayer):
             raise ValueError(
                 f"A mask update keeps the count of {adapter_name!r} ({old_indices.numel()}); got {indices.numel()}."
             )
-        self.restore_base_weight()  # a folded delta sits at the old mask's positions
         values = self.speft_values[adapter_name]
         all_indices, all_values = self.delta_entries(adapter_name)
         order = torch.argsort(all_indices)
@@ -341,8 +301,6 @@ class SparsePeftLayer(BaseTunerLayer):
             )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self._folded is not None and self._folded.adapter == adapter_name:
-            self.restore_base_weight()
         super().delete_adapter(adapter_name)
         for state in (self.speft_salience, self.speft_fold_weights, self.speft_kernel, self._patterns,
                       self._merge_originals, self._positions):
@@ -351,15 +309,6 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated.discard(adapter_name)
 
     # ----------------------------------------------------------------- weight access
-    def get_base_layer(self) -> nn.Module:
-        """The base layer with its own weight: a delta folded into it (`fold_weights`) is restored first.
-
-        The one way to the base weight (peft's `weight` property, merging, unloading and this class use it; state
-        dicts restore it too), so nothing reads or writes a folded weight by mistake; only the forward pass computes
-        with it (`_base_output`)."""
-        self.restore_base_weight()
-        return super().get_base_layer()
-
     def calibrated_active_adapters(self) -> list[str]:
         """The active adapters of this layer that have a mask (uncalibrated ones contribute nothing yet)."""
         return [name for name in self.active_adapters
@@ -381,18 +330,6 @@ class SparsePeftLayer(BaseTunerLayer):
             if low_rank is not None:
                 weight += low_rank.to(weight.device)
         return weight
-
-    def _flat_weight(self) -> torch.Tensor:
-        """The base weight's storage as it is (folded or not: for the fold itself and for merges, which unfold
-        first)."""
-        base_layer = BaseTunerLayer.get_base_layer(self)
-        weight = base_layer.weight
-        if not base_weight_is_writable(base_layer) or not weight.is_contiguous():
-            raise ValueError(
-                f"Cannot write the sparse delta into the base weight of {type(base_layer).__name__}: it is "
-                "quantized, sharded or not contiguous."
-            )
-        return weight.data.view(-1)
 
     def delta_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 logical indices, detached values) of the adapter's whole delta: the mask plus the frozen residual."""
@@ -458,7 +395,6 @@ class SparsePeftLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self.get_base_layer()  # unfolds
         for adapter_name in adapter_names:
             if adapter_name not in self.speft_values:
                 continue
@@ -466,9 +402,9 @@ class SparsePeftLayer(BaseTunerLayer):
             if is_quantized(self.get_base_layer()):
                 self._merge_quantized(adapter_name, safe_merge)
                 continue
-            flat, positions = self._flat_weight(), self._delta_positions(adapter_name)
+            flat, positions = flat_weight(self.get_base_layer()), self._delta_positions(adapter_name)
             original = flat.index_select(0, positions)
-            merged = original + self._delta_values(adapter_name).to(flat.dtype)
+            merged = entries_with_delta(original, self._delta_values(adapter_name))  # what a fold computes with
             low_rank = self._low_rank_in_base_layout(adapter_name)
             if safe_merge and not (
                 torch.isfinite(merged).all() and (low_rank is None or torch.isfinite(low_rank).all())
@@ -499,7 +435,7 @@ class SparsePeftLayer(BaseTunerLayer):
             low_rank = self._low_rank_in_base_layout(adapter_name)
             if low_rank is not None:
                 self.get_base_layer().weight.data -= low_rank.to(original.dtype)
-            self._flat_weight().scatter_(0, positions, original)
+            flat_weight(self.get_base_layer()).scatter_(0, positions, original)
 
     def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> None:
         """Dequantize, add the delta, requantize (warns); the original quantized weight is kept for `unmerge`."""
@@ -519,48 +455,6 @@ class SparsePeftLayer(BaseTunerLayer):
         write_requantized(base_layer, weight)
         self.merged_adapters.append(adapter_name)
 
-    # ----------------------------------------------------------------- fold_weights speed mode
-    def _fold(self, adapter_name: str) -> None:
-        """Keep W[idx] = W0[idx] + values written into the base weight; rewrite only when the values changed."""
-        values = self.speft_values[adapter_name]
-        version = (values.data_ptr(), values._version)
-        folded = self._folded
-        if folded is not None and folded.adapter == adapter_name and folded.values_version == version:
-            return
-        if folded is not None and folded.adapter != adapter_name:
-            self.restore_base_weight()
-            folded = None
-        indices, all_values = self.delta_entries(adapter_name)
-        flat = self._flat_weight()
-        with torch.no_grad():
-            if folded is None:
-                positions = self.storage_positions(indices)
-                original, tampered = flat[positions], torch.zeros((), dtype=torch.bool, device=flat.device)
-            else:
-                positions, original = folded.positions, folded.original
-                tampered = folded.tampered | (_fingerprint(flat[positions]) != folded.written)
-            written = original + all_values.to(flat.dtype)
-            flat[positions] = written
-        self._folded = _FoldedDelta(adapter_name, positions, original, version, _fingerprint(written), tampered)
-
-    def restore_base_weight(self) -> None:
-        """Restore the base weight if a delta is folded into it (`fold_weights`); a no-op otherwise (`get_base_layer`
-        calls it). A RuntimeError if the folded entries were written from outside meanwhile (through
-        `base_layer.weight` directly): restoring would overwrite that write, keeping it would keep the delta."""
-        folded = self._folded
-        if folded is None:
-            return
-        flat = self._flat_weight()
-        if bool(folded.tampered | (_fingerprint(flat[folded.positions]) != folded.written)):
-            raise RuntimeError(
-                f"The base weight of this {type(self).__name__} was written while adapter {folded.adapter!r}'s delta "
-                "was folded into it (fold_weights=True), so the two can no longer be told apart; write base weights "
-                "through layer.get_base_layer(), which restores them first."
-            )
-        with torch.no_grad():
-            flat[folded.positions] = folded.original
-        self._folded = None
-
 
 class Linear(nn.Module, SparsePeftLayer):
     """SPEFT on a `torch.nn.Linear` or transformers `Conv1D` base layer."""
@@ -570,8 +464,6 @@ class Linear(nn.Module, SparsePeftLayer):
         SparsePeftLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-        self.register_state_dict_pre_hook(_restore_base_hook)
-        self._register_load_state_dict_pre_hook(_restore_base_hook, with_module=True)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -581,57 +473,62 @@ class Linear(nn.Module, SparsePeftLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self._base_output(x, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return self._base_output(x, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
         if torch.is_grad_enabled() and self.training:  # training an adapter without a mask would train nothing
             for name in self.active_adapters:
                 if name in self.speft_values:
                     self.check_calibrated(name)
         active = self.calibrated_active_adapters()
-        fold = self._adapter_to_fold(active)
-        result = self._base_output(x, *args, fold=fold, **kwargs)
+        fold = self._adapter_to_fold(active, *args, **kwargs)
+        if fold is not None:
+            return self._folded_forward(fold, x)
+        result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            if fold and not (self.speft_values[name].requires_grad and torch.is_grad_enabled()):
-                continue
-            result = self._with_delta(name, x, result, folded=bool(fold))
+            result = self._with_delta(name, x, result)
         return result
 
-    def _base_output(self, x: torch.Tensor, *args: Any, fold: Optional[str] = None, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output, with adapter `fold`'s delta folded into its weight (`fold_weights`), else with its
-        own weight. The only place the folded weight is used: every other access goes through `get_base_layer`."""
-        if fold is None:
-            self.restore_base_weight()
-        else:
-            self._fold(fold)
-        return self.base_layer(x, *args, **kwargs)
-
-    def _adapter_to_fold(self, active: list[str]) -> Optional[str]:
-        """The adapter this forward keeps folded into the base weight, if any: one with `fold_weights=True` (the only
-        active one, else a ValueError), or with `"auto"` when it is the only active one, the base `folds_exactly`
-        and no `torch.compile` trace is running (a trace would bake the in-place write into the graph). The base is
-        inspected without `get_base_layer`, which would restore the fold at every forward."""
-        fold = [name for name in active if self.speft_fold_weights[name]]
-        if not fold:
+    def _adapter_to_fold(self, active: list[str], *args: Any, **kwargs: Any) -> Optional[str]:
+        """The adapter whose delta this forward folds into the base product (`hf_speft.fold`), if any: the only
+        active adapter, when its `fold_weights` is True (else a ValueError naming why it cannot fold) or `"auto"` and
+        the base allows it. Not under a `torch.compile` trace: the in-place writes would be functionalized into
+        weight-sized copies."""
+        setting = self.speft_fold_weights[active[0]] if len(active) == 1 else None
+        if not setting:
+            if any(self.speft_fold_weights[name] is True for name in active):
+                raise ValueError(f"fold_weights=True supports one active adapter, but {active} are active; set one "
+                                 "adapter active or use fold_weights='auto'.")
             return None
-        if any(self.speft_fold_weights[name] is True for name in fold):
-            if len(active) > 1:
-                raise ValueError(
-                    f"fold_weights=True supports one active adapter, but {active} are active; set one adapter "
-                    "active or use fold_weights=False."
-                )
-            return fold[0]
-        if len(active) > 1 or torch.compiler.is_compiling() or not folds_exactly(BaseTunerLayer.get_base_layer(self)):
-            return None
-        return fold[0]
+        blocker = "a torch.compile trace is running" if torch.compiler.is_compiling() else fold_blocker(
+            self.base_layer, *args, **kwargs)
+        if blocker is None:
+            return active[0]
+        if setting is True:
+            raise ValueError(f"fold_weights=True cannot fold adapter {active[0]!r} here: {blocker}; use "
+                             "fold_weights='auto', which runs unfolded where folding does not apply.")
+        return None
 
-    def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, folded: bool = False):
+    def _folded_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The base product computed with the adapter's whole delta folded into it (mask and frozen residual), the
+        values' gradient added by the sparse op (gᵀx at the mask, forward unchanged), the low-rank part as LoRA adds
+        it."""
+        result = folded_product(self.base_layer, x, self._delta_positions(adapter_name),
+                                self._delta_values(adapter_name))
+        values = self.speft_values[adapter_name]
+        if values.requires_grad and torch.is_grad_enabled():
+            result = sparse_delta(result, x, values, self.pattern(adapter_name), add_delta=False,
+                                  kernel=self.speft_kernel.get(adapter_name, "auto"))
+        if adapter_name in self.speft_lora_A:
+            result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
+        return result
+
+    def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
-        part. `folded`: the delta is already in the base weight, only the values' gradient path is added."""
+        part."""
         kernel = self.speft_kernel.get(adapter_name, "auto")
-        result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name),
-                              add_delta=not folded, kernel=kernel)
-        if not folded and adapter_name in self.speft_residual_indices:
+        result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name), kernel=kernel)
+        if adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]
             result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel)
         if adapter_name in self.speft_lora_A:
@@ -650,7 +547,6 @@ class Linear(nn.Module, SparsePeftLayer):
                              "(merge_adapter or activate_adapter); unmerge it first (unmerge_adapter() or "
                              "activate_adapter(None)).")
         groups = adapter_names if isinstance(adapter_names, AdapterRows) else AdapterRows(adapter_names)
-        self.restore_base_weight()
         result = self.base_layer(x, *args, **kwargs)
         for name, rows in groups.rows(x.device):
             if name == "__base__" or name not in self.speft_values:

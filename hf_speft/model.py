@@ -6,7 +6,6 @@ import contextlib
 import copy
 import functools
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -178,7 +177,6 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
             )
             self.adapter_budget(adapter_name)
-            self._no_auto_fold_into_shared_weights(model, adapter_name)
             if not low_cpu_mem_usage:
                 self.build_data_free_masks(adapter_name)
 
@@ -209,15 +207,6 @@ class SparsePeftModel(SparseMasks, BaseTuner):
                 parameter.requires_grad_(flag)
             self.targeted_module_names[:] = targeted
             raise
-
-    @staticmethod
-    def _no_auto_fold_into_shared_weights(model: nn.Module, adapter_name: str) -> None:
-        """`fold_weights="auto"` never folds into a base weight another module also uses (tied embeddings): the fold
-        would change that module's output too."""
-        uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
-        for layer in sparse_layers(model, adapter_name).values():
-            if layer.speft_fold_weights[adapter_name] == "auto" and uses[id(layer.get_base_layer().weight)] > 1:
-                layer.speft_fold_weights[adapter_name] = False
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft upcasts half-precision adapter weights to float32. On a DeepSpeed ZeRO-3 partitioned base they keep

@@ -248,6 +248,26 @@ def test_contract_is_partitioned():
     assert compat.is_partitioned(marked) and not compat.is_partitioned(plain)
 
 
+def test_contract_has_call_hooks():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    for register in (lambda m: m.register_forward_hook(lambda *a: None),
+                     lambda m: m.register_forward_pre_hook(lambda *a: None),
+                     lambda m: m.register_full_backward_hook(lambda *a: None),
+                     lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+                     lambda m: nn.modules.module.register_module_forward_hook(lambda *a: None),
+                     lambda m: nn.modules.module.register_module_forward_pre_hook(lambda *a: None)):
+        module = nn.Linear(2, 2)
+        assert not compat.has_call_hooks(module)
+        handle = register(module)
+        contract(compat.has_call_hooks(module), "torch moved the dicts that hold a module's or the global hooks")
+        handle.remove()
+        assert not compat.has_call_hooks(module)
+    module = nn.Linear(2, 2)
+    add_hook_to_module(module, ModelHook())
+    contract(compat.has_call_hooks(module), "accelerate no longer marks hooked modules with `_hf_hook`")
+
+
 # ---------------------------------------------------------------------------------------------------- tuner hooks
 def hook_parameters(owner: type, name: str) -> list[str]:
     function = inspect.getattr_static(owner, name)

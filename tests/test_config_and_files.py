@@ -43,7 +43,6 @@ TARGETS = ["q_proj", "v_proj"]
         ({"match_lora_rank": 4, "lora_r": -1}, "lora_r=-1 must be a non-negative integer"),
         ({"match_lora_rank": 4, "lora_r": 2, "lora_alpha": 0}, "lora_alpha=0 must be a positive number"),
         ({"match_lora_rank": 4, "lora_r": 2, "lora_dropout": 1.0}, "lora_dropout=1.0 must satisfy"),
-        ({"match_lora_rank": 4, "lora_r": 2, "fold_weights": True}, "cannot be combined with lora_r"),
         ({"density": 0.1, "fold_weights": "always"}, r"fold_weights='always' is not allowed; use one of \(True"),
         ({"density": 0.1, "fold_weights": 1}, "fold_weights=1 is not allowed"),
     ],

@@ -62,7 +62,7 @@ def test_layer_forward_and_gradients_match_the_dense_reference(device, dtype_nam
 def test_merge_unmerge_is_exact_and_fold_mode_matches(device, dtype_name):
     dtype, tolerance = DTYPES[dtype_name]
     inputs = {"input_ids": batch(device)["input_ids"]}
-    model = llama_on(device, dtype).eval()
+    model = llama_on(device, dtype, fold_weights=False).eval()  # the sparse products' path
     weights = {name: layer.get_base_layer().weight.detach().clone() for name, layer in sparse_layers(model).items()}
     with torch.no_grad():
         unmerged = model(**inputs).logits.float()
@@ -76,13 +76,15 @@ def test_merge_unmerge_is_exact_and_fold_mode_matches(device, dtype_name):
     folded = llama_on(device, dtype, fold_weights=True)
     folded.train()
     loss = folded(**batch(device)).loss
+    for name in weights:  # the fold exists only inside each layer's own GEMMs
+        assert torch.equal(sparse_layers(folded)[name].base_layer.weight, weights[name]), name
     loss.backward()
     assert all(layer.speft_values["default"].grad is not None for layer in sparse_layers(folded).values())
     folded.eval()
     with torch.no_grad():
         torch.testing.assert_close(folded(**inputs).logits.float(), unmerged,
                                    atol=10 * tolerance * unmerged.abs().max().item(), rtol=0)
-    state = folded.state_dict()  # restores the base weights
+    state = folded.state_dict()
     for name in weights:
         key = name.removeprefix("base_model.model.") + ".base_layer.weight"
         assert torch.equal(state[f"base_model.model.{key}"], weights[name]), name

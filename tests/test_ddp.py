@@ -27,6 +27,10 @@ def test_ddp_two_processes_agree_on_masks_and_values(tmp_path):
         assert torch.equal(first[name][0], second[name][0]), f"masks differ across ranks for {name}"
         assert torch.equal(first[name][1], second[name][1]), f"values differ across ranks for {name}"
     assert sum(values.abs().sum() for _, values in first.values()) > 0
+    folded, unfolded = ranks[0]["static"]["auto"], ranks[0]["static"][False]
+    for name, (indices, values) in unfolded.items():  # folding (the default) changes no gradient
+        assert torch.equal(folded[name][0], indices), name
+        torch.testing.assert_close(folded[name][1], values, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow

@@ -159,7 +159,6 @@ def dense_reference(model: nn.Module, adapter: str = "default") -> nn.Module:
 def _dense_layer(layer: SparsePeftLayer, adapter: str) -> nn.Module:
     from hf_speft.layer import dense_weight
 
-    layer.restore_base_weight()  # this is the reference's own copy: a folded delta leaves its base weight
     delta = torch.zeros(layer.out_features * layer.in_features)
     if adapter in layer.speft_values:
         delta[layer.speft_indices[adapter].long()] = layer.speft_values[adapter].detach().float()

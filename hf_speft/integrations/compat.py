@@ -37,6 +37,9 @@ RELIANCES: dict[str, tuple[str, ...]] = {
     "is_cpu_packed": ("packing_format_for_cpu",),
     "standard_layout_copy": ("_convert_weight_packed_for_cpu_inverse", "original_nested", "original_dtype"),
     "is_partitioned": ("ds_id",),
+    "has_call_hooks": ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_hf_hook",
+                       "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                       "_global_backward_pre_hooks"),
 }
 
 # The tuner hooks SPEFT overrides, calls or sets (peft's documented extension points; not moved here): "Owner.name"
@@ -243,6 +246,20 @@ def set_attention_name(model: nn.Module, name: str) -> None:
     `_attn_implementation` (what the layers read at each forward) is set directly.
     """
     model.config._attn_implementation = name
+
+
+# ----------------------------------------------------------------------------------------------- torch, accelerate
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """True if calling `module` runs hooks: its own or global forward/backward hooks (torch keeps them in private
+    dicts and offers no public query) or accelerate's `_hf_hook` (offload, device placement), which wraps `forward`.
+    A scoped fold (`hf_speft.fold`) computes the base product without the call, so it runs only when this is False."""
+    import torch.nn.modules.module as module_globals
+
+    return (hasattr(module, "_hf_hook") or any(getattr(module, name) for name in _CALL_HOOKS)
+            or any(getattr(module_globals, "_global" + name) for name in _CALL_HOOKS))
 
 
 # ---------------------------------------------------------------------------------------------------- bitsandbytes

@@ -1,7 +1,7 @@
 """Salience: score every targeted weight with a registered measure (`compute_salience`, `score_layers`).
 
 This package only scores; choosing and installing masks from the scores is `hf_speft.masks`'. It reads SPEFT layers
-through their public surface (`effective_weight`, `calibrated_active_adapters`, `restore_base_weight`).
+through their public surface (`effective_weight`, `calibrated_active_adapters`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Worker for the DDP tests, run as `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR MODE`:
 
-- MODE `train`: trains a SPEFT adapter with dynamic masks through SpeftTrainer and saves each rank's world size,
-  masks and values to OUT_DIR/rank{r}.pt.
+- MODE `train`: trains a SPEFT adapter with dynamic masks through SpeftTrainer, folded (the default) and unfolded,
+  and saves each rank's world size, masks and values to OUT_DIR/rank{r}.pt.
 - MODE `salience`: calibrates on this rank's share of `salience_batches()` (rank r takes batches r, r + W, ...) and
   saves the masks, to compare with one process calibrating on all of them.
 - MODE `fsdp2`: calibrates as in `salience`, shards the model with torch FSDP2 (`fully_shard` per decoder layer and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,13 +42,22 @@ def salience(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def train(out_dir: str) -> None:
-    model = speft_model(mask_update="dynamic", update_interval=2, salience_batches=2)
-    trainer = speft_trainer(model, out_dir, max_steps=4, per_device_train_batch_size=4)
+def trained(out_dir: str, trainer_args: Optional[dict] = None, **config):
+    model = speft_model(salience_batches=2, **config)
+    trainer = speft_trainer(model, out_dir, max_steps=4, per_device_train_batch_size=4, **(trainer_args or {}))
     trainer.train()
     state = {name: (layer.speft_indices["default"], layer.speft_values["default"].detach())
              for name, layer in sparse_layers(model).items()}
-    torch.save({"world_size": dist.get_world_size(), "state": state,
+    return state, trainer
+
+
+def train(out_dir: str) -> None:
+    state, trainer = trained(out_dir, mask_update="dynamic", update_interval=2)
+    # the default folds; an unfolded run is the reference for its gradients, with SGD and static masks (Adam's
+    # normalised step and a dynamic update's near-tied scores would magnify float32 rounding differences)
+    sgd = {"optim": "sgd", "learning_rate": 1e-2}
+    static = {fold_weights: trained(out_dir, sgd, fold_weights=fold_weights)[0] for fold_weights in ("auto", False)}
+    torch.save({"world_size": dist.get_world_size(), "state": state, "static": static,
                 "churn_logged": any("speft/mask_churn" in log for log in trainer.state.log_history)},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
