@@ -181,7 +181,7 @@ def test_the_choice_of_product(wide_checkpoint):
     with model.disable_adapter():
         assert layer.merges(x_grad) is None
     model.add_adapter("other", SparsePeftConfig(target_modules=ALL_PROJECTIONS, density=0.05,
-                                                salience="magnitude"))
+                                                salience="magnitude", fold_weights=False))
     model.base_model.set_adapter(["default", "other"])
     assert layer.merges(x_grad) is None
     model.base_model.set_adapter("other")  # fold_weights=False
