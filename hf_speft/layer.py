@@ -147,6 +147,19 @@ class AdapterRows(list):
         return cache[device]
 
 
+class ForwardParameterDict(nn.ParameterDict):
+    """An `nn.ParameterDict` whose forward returns one entry. The layer's forward reads its trainable tensors by calling
+    the dict (`self.speft_values(name)`), not by indexing it, so module hooks on the dict run: accelerate's offload
+    (`cpu_offload`, `dispatch_model` with offloaded layers) hooks each module that holds tensors directly and brings
+    them to the execution device only around that module's forward; indexed, they would stay on the meta device.
+    (peft's LoRA survives offload the same way: its lora_A/B are modules whose forward runs.)"""
+
+    __call__ = nn.Module.__call__  # nn.ParameterDict refuses to be called
+
+    def forward(self, key: str) -> nn.Parameter:
+        return self[key]
+
+
 class SparsePeftLayer(BaseTunerLayer):
     """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
 
@@ -157,13 +170,13 @@ class SparsePeftLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._folded: Optional[_FoldedDelta] = None
         self.base_layer = base_layer
-        self.speft_values = nn.ParameterDict({})
+        self.speft_values = ForwardParameterDict({})
         self.speft_indices = BufferDict({}, persistent=True)
         self.speft_weight_shape = BufferDict({}, persistent=True)
         self.speft_residual_indices = BufferDict({}, persistent=True)
         self.speft_residual_values = BufferDict({}, persistent=True)
-        self.speft_lora_A = nn.ParameterDict({})
-        self.speft_lora_B = nn.ParameterDict({})
+        self.speft_lora_A = ForwardParameterDict({})
+        self.speft_lora_B = ForwardParameterDict({})
         self.speft_lora_dropout = nn.ModuleDict({})
         self.speft_lora_scaling: dict[str, float] = {}
         self._disable_adapters = False
@@ -222,7 +235,7 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The hybrid low-rank part's contribution to the output for input `x` (dropout, B·A, scaling)."""
-        lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
+        lora_a, lora_b = self.speft_lora_A(adapter_name), self.speft_lora_B(adapter_name)  # see ForwardParameterDict
         x = self.speft_lora_dropout[adapter_name](x.to(lora_a.dtype))
         return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.speft_lora_scaling[adapter_name]
 
@@ -629,7 +642,7 @@ class Linear(nn.Module, SparsePeftLayer):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
         part. `folded`: the delta is already in the base weight, only the values' gradient path is added."""
         kernel = self.speft_kernel.get(adapter_name, "auto")
-        result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name),
+        result = sparse_delta(result, x, self.speft_values(adapter_name), self.pattern(adapter_name),
                               add_delta=not folded, kernel=kernel)
         if not folded and adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]

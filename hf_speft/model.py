@@ -18,7 +18,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
+from .checkpoint import (MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, staged_folder,
+                         validated_module)
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
 from .integrations.compat import is_partitioned, rebind_peft_model_methods
@@ -59,12 +60,22 @@ def write_model_cards(peft_model: nn.Module, save_directory: str, adapter_names:
             update_model_card(folder, summary=model_summary(peft_model, name, folder))
 
 
+def staged_save(peft_model: nn.Module, save_directory: str,
+                adapter_names: Optional[list[str]] = None) -> contextlib.AbstractContextManager[str]:
+    """The folder a `save_pretrained(save_directory)` writes into (`checkpoint.staged_folder`: published only when the
+    whole save succeeds), seeded with the model cards the save updates (peft's layout: "default" at the top)."""
+    names = adapter_names or list(peft_model.peft_config)
+    cards = tuple(os.path.join("" if name == "default" else name, "README.md") for name in {"default", *names})
+    return staged_folder(save_directory, keep=cards)
+
+
 def adapt_peft_model() -> None:
     """Two `PeftModel` methods made SPEFT-aware by `integrations.compat.rebind_peft_model_methods` (peft calls no tuner
     hook there; idempotent; for models without SPEFT adapters they are peft's own):
 
     - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
       uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
+    - a save that fails (at any step) leaves no half-written folder: it is written aside and published at the end.
     - it also writes the SPEFT section of the model card, from the model in memory (`write_model_cards`).
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
       weights calibration will train.
@@ -72,6 +83,7 @@ def adapt_peft_model() -> None:
     rebind_peft_model_methods(
         applies=lambda model: isinstance(getattr(model, "base_model", None), SparseMasks),
         check_save=check_saveable,
+        stage=staged_save,
         after_save=write_model_cards,
         notes=lambda model: [f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights "
                              "once `hf_speft.calibrate` (or SpeftTrainer) runs"

@@ -12,6 +12,7 @@ the parameters it relies on; the contract test checks they still exist with thos
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -122,14 +123,18 @@ def enable_mixed_tuner(peft_type: Any, prefix: str, layer_cls: type, mixed_model
 
 def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
                               check_save: Callable[[nn.Module, Optional[list[str]]], None],
+                              stage: Callable[[nn.Module, str, Optional[list[str]]],
+                                              contextlib.AbstractContextManager[str]],
                               after_save: Callable[[nn.Module, str, Optional[list[str]]], None],
                               notes: Callable[[nn.Module], Iterable[str]]) -> None:
     """Make `PeftModel.save_pretrained` and `PeftModel.print_trainable_parameters` serve an outside tuner (idempotent).
 
     - `save_pretrained` creates the folder and its README before any tuner hook runs, so a save the tuner refuses
-      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first. Once
-      peft has written the files, `after_save(model, save_directory, selected_adapters)` runs on the main process
-      (the model card is written from the model in memory, with no re-read of what peft just wrote).
+      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first. On the
+      main process peft then saves into `stage(model, save_directory, selected_adapters)` (a context manager giving
+      the folder to write, which publishes it when the block succeeds), and `after_save(model, folder,
+      selected_adapters)` runs there once peft has written the files (the model card is written from the model in
+      memory, with no re-read of what peft just wrote); a save that fails anywhere leaves no half-written folder.
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: each of `notes(model)`
       is printed after peft's line.
 
@@ -152,9 +157,12 @@ def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
         arguments.apply_defaults()
         selected = arguments.arguments["selected_adapters"]
         check_save(self, selected)
-        result = save(self, *args, **kwargs)
-        if arguments.arguments["is_main_process"]:
-            after_save(self, arguments.arguments["save_directory"], selected)
+        if not arguments.arguments["is_main_process"]:
+            return save(*arguments.args, **arguments.kwargs)
+        with stage(self, arguments.arguments["save_directory"], selected) as folder:
+            arguments.arguments["save_directory"] = folder
+            result = save(*arguments.args, **arguments.kwargs)
+            after_save(self, folder, selected)
         return result
 
     @functools.wraps(show)
