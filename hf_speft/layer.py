@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .integrations.compat import BufferDict, in_out_features, is_partitioned
+from .integrations.compat import BufferDict, in_out_features, is_partitioned, move_adapter_to_base_layer
 from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated.add(adapter_name)
         if config.lora_r:
             self._add_low_rank(adapter_name, config)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_layer(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _add_low_rank(self, adapter_name: str, config: SparsePeftConfig) -> None:

@@ -22,7 +22,7 @@ from .checkpoint import (MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterErr
                          validated_module)
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
-from .integrations.compat import is_partitioned, rebind_peft_model_methods
+from .integrations.compat import is_partitioned, rebind_peft_model_methods, replace_module
 from .layer import SUPPORTED_LAYERS, AdapterRows, Linear, SparsePeftLayer, base_weight_is_writable, sparse_layers
 from .masks import SparseMasks
 
@@ -165,7 +165,7 @@ class SparsePeftModel(SparseMasks, BaseTuner):
         new_module = self._create_new_module(config, adapter_name, target)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        replace_module(self, parent, target_name, new_module, target)
 
     def inject_adapter(
         self,

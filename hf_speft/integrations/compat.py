@@ -28,6 +28,8 @@ from torch import nn
 RELIANCES: dict[str, tuple[str, ...]] = {
     "BufferDict": ("_buffer_dict",),
     "in_out_features": ("_get_in_out_features",),
+    "move_adapter_to_base_layer": ("_move_adapter_to_device_of_base_layer",),
+    "replace_module": ("_replace_module",),
     "extend_peft_type": ("_name_", "_value_", "_member_map_", "_value2member_map_", "_member_names_", "_sort_order_"),
     "enable_mixed_tuner": ("COMPATIBLE_TUNER_TYPES", "PREFIXES", "Layers", "mixed_model.MixedModel"),
     "rebind_peft_model_methods": ("PeftModel.save_pretrained", "PeftModel.print_trainable_parameters"),
@@ -52,12 +54,10 @@ TUNER_HOOKS: dict[str, Optional[tuple[str, ...]]] = {
     "BaseTuner._unload_and_optionally_merge": ("merge", "progressbar", "safe_merge", "adapter_names"),
     "BaseTuner._get_adapter_state_dict": ("model", "config", "adapter_name", "state_dict", "unwanted_adapter_names"),
     "BaseTuner._remap_adapter_state_dict_for_load": ("model", "config", "adapter_name", "state_dict"),
-    "BaseTuner._replace_module": ("parent", "child_name", "new_module", "child"),
     "MixedModel._check_new_adapter_config": ("config",),
     "MixedModel._create_and_replace": ("config", "args", "kwargs"),
     "MixedModel._create_new_module": ("config", "adapter_name", "target"),
     "PeftModel._enable_peft_forward_hooks": ("args", "kwargs"),
-    "BaseTunerLayer._move_adapter_to_device_of_base_layer": ("adapter_name", "device"),
     "BaseTunerLayer._active_adapter": None,
     "BaseTunerLayer._disable_adapters": None,
 }
@@ -74,6 +74,21 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     from peft.tuners.tuners_utils import _get_in_out_features
 
     return _get_in_out_features(module)
+
+
+def move_adapter_to_base_layer(layer: nn.Module, adapter_name: str) -> None:
+    """Move adapter `adapter_name`'s tensors in a peft tuner layer to its base layer's device and floating dtype
+    (integer tensors keep theirs; meta ones stay), by `BaseTunerLayer._move_adapter_to_device_of_base_layer`: what
+    peft's own tuners call at the end of `update_layer`; peft has no public equivalent."""
+    layer._move_adapter_to_device_of_base_layer(adapter_name)
+
+
+def replace_module(tuner: nn.Module, parent: nn.Module, child_name: str, new_module: nn.Module,
+                   child: nn.Module) -> None:
+    """Put `new_module` (a new tuner layer wrapping `child`) in place of `child` as `parent.<child_name>`, by
+    `BaseTuner._replace_module`, what peft's own tuners call from `_create_and_replace`: it also moves the new
+    layer's tensors to the device of the weights they sit next to (meta-device placeholders included)."""
+    tuner._replace_module(parent, child_name, new_module, child)
 
 
 def extend_peft_type(name: str) -> Any:
