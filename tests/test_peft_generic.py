@@ -675,3 +675,85 @@ def test_get_base_model_state_dict(config_name, model_name):
     assert not result.missing_keys and not result.unexpected_keys
     for key, value in get_base_model_state_dict(model).items():
         torch.testing.assert_close(value, original[key], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ saving, whatever the format or the failure
+def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    """A save that fails while peft writes leaves a new folder absent and an existing one as it was (with the files a
+    user put there); a save that succeeds replaces only the adapter's files, and the other format's weights file."""
+    import peft.peft_model
+
+    model = make_model("local", "mlp", init_weights=False)
+    model.save_pretrained(tmp_path / "kept")
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "kept").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    for folder in (tmp_path / "new", tmp_path / "kept"):
+        with pytest.raises(OSError, match="No space left"):
+            model.save_pretrained(folder)
+    assert not (tmp_path / "new").exists()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "kept").iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept"]  # no staging folder left behind
+    monkeypatch.undo()
+
+    model.save_pretrained(tmp_path / "kept", safe_serialization=False)
+    assert {path.name for path in (tmp_path / "kept").iterdir()} == {"README.md", "adapter_config.json",
+                                                                    "adapter_model.bin", "notes.txt"}
+    loaded = PeftModel.from_pretrained(build("mlp"), tmp_path / "kept")  # the new weights, not a stale file
+    assert_same_adapter_state(model, loaded)
+
+
+def test_trainer_checkpoints_carry_the_adapter_and_its_card(tmp_path):
+    """Trainer checkpoints save through `save_pretrained`, in the format the installed transformers offers: with
+    `save_safetensors=False` where it still has that argument (transformers 5 dropped it and always writes
+    safetensors; a pickle save is then `save_pretrained(safe_serialization=False)`, tested above)."""
+    from trainer_helpers import speft_model, speft_trainer
+    from transformers import TrainingArguments
+
+    pickle_option = "save_safetensors" in {field.name for field in dataclasses.fields(TrainingArguments)}
+    trainer = speft_trainer(speft_model(), tmp_path, max_steps=2, save_steps=1, save_strategy="steps",
+                            **({"save_safetensors": False} if pickle_option else {}))
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / adapter_file(safe_serialization=not pickle_option)).is_file()
+    assert_speft_card(checkpoint, trainer.model)
+    loaded = PeftModel.from_pretrained(build("llama"), checkpoint)
+    assert_same_adapter_state(trainer.model, loaded)
+
+
+# ------------------------------------------------------------------ copies
+@pytest.mark.parametrize("config_name", ["local", "hybrid", "fold", "residual"])
+def test_deepcopy_after_backward_trains_independently(config_name):
+    """A model copied after a backward pass (its cached mask layouts and kernel state built) runs and trains on its
+    own tensors: a step on the copy leaves the original as it was, and the same step on the original then gives the
+    copy's result."""
+    batch = inputs_for("llama")
+    model = make_model(config_name, "llama", init_weights=False)
+    model.train()
+    model(**batch).loss.backward()
+    model.zero_grad()
+    clone = copy.deepcopy(model)
+    for name, layer in sparse_layers(clone).items():
+        original = sparse_layers(model)[name]
+        for key, pattern in layer._patterns.items():
+            assert pattern.indices.data_ptr() != original._patterns[key].indices.data_ptr()
+    before = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+    def step(peft_model) -> torch.Tensor:
+        optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+        peft_model.train()
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return logits(peft_model.eval(), batch)
+
+    trained_clone = step(clone)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.detach(), before[name]), name
+    assert not torch.allclose(trained_clone, logits(model.eval(), batch))
+    torch.testing.assert_close(step(model), trained_clone)
