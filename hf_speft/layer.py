@@ -20,7 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .integrations.compat import BufferDict, in_out_features, is_partitioned, move_adapter_to_base_layer
+from .integrations.compat import (BufferDict, has_accelerate_hook, in_out_features, is_partitioned,
+                                  move_adapter_to_base_layer)
 from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
 if TYPE_CHECKING:
@@ -148,16 +149,21 @@ class AdapterRows(list):
 
 
 class ForwardParameterDict(nn.ParameterDict):
-    """An `nn.ParameterDict` whose forward returns one entry. The layer's forward reads its trainable tensors by calling
-    the dict (`self.speft_values(name)`), not by indexing it, so module hooks on the dict run: accelerate's offload
-    (`cpu_offload`, `dispatch_model` with offloaded layers) hooks each module that holds tensors directly and brings
-    them to the execution device only around that module's forward; indexed, they would stay on the meta device.
-    (peft's LoRA survives offload the same way: its lora_A/B are modules whose forward runs.)"""
+    """An `nn.ParameterDict` that can be read through its forward (`fetch`), so that accelerate's offload hooks on it
+    run: accelerate (`cpu_offload`, `dispatch_model` with offloaded layers) hooks each module that holds tensors
+    directly and brings them to the execution device only around that module's forward; indexed, they would stay on
+    the meta device. (peft's LoRA survives offload the same way: its lora_A/B are modules whose forward runs.)"""
 
     __call__ = nn.Module.__call__  # nn.ParameterDict refuses to be called
 
     def forward(self, key: str) -> nn.Parameter:
         return self[key]
+
+    def fetch(self, key: str) -> nn.Parameter:
+        """`self[key]`, through the forward only when accelerate hooked this dict: DeepSpeed ZeRO-3 gathers an
+        indexed parameter for the layer whose forward runs, but would release it again when the dict's own forward
+        ends, before the layer has used it."""
+        return self(key) if has_accelerate_hook(self) else self[key]
 
 
 class SparsePeftLayer(BaseTunerLayer):
@@ -235,7 +241,7 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The hybrid low-rank part's contribution to the output for input `x` (dropout, B·A, scaling)."""
-        lora_a, lora_b = self.speft_lora_A(adapter_name), self.speft_lora_B(adapter_name)  # see ForwardParameterDict
+        lora_a, lora_b = self.speft_lora_A.fetch(adapter_name), self.speft_lora_B.fetch(adapter_name)
         x = self.speft_lora_dropout[adapter_name](x.to(lora_a.dtype))
         return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.speft_lora_scaling[adapter_name]
 
@@ -642,7 +648,7 @@ class Linear(nn.Module, SparsePeftLayer):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
         part. `folded`: the delta is already in the base weight, only the values' gradient path is added."""
         kernel = self.speft_kernel.get(adapter_name, "auto")
-        result = sparse_delta(result, x, self.speft_values(adapter_name), self.pattern(adapter_name),
+        result = sparse_delta(result, x, self.speft_values.fetch(adapter_name), self.pattern(adapter_name),
                               add_delta=not folded, kernel=kernel)
         if not folded and adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]

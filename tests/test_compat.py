@@ -3,7 +3,7 @@
 One contract test per entry of `compat.RELIANCES` (`test_contract_<entry>`): each checks that the upstream behaviour
 the entry relies on still holds and fails naming the upstream change. Then the tuner hooks SPEFT overrides still exist
 with the parameters it relies on, and a scan of `hf_speft/`, `hf_speft_cli/` and `recipes/` refuses any private name
-of peft, transformers, trl, bitsandbytes or deepspeed outside the compat module.
+of peft, transformers, trl, bitsandbytes, deepspeed or accelerate outside the compat module.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hf_speft.integrations import compat
 
 ROOT = Path(__file__).parents[1]
 COMPAT = ROOT / "hf_speft" / "integrations" / "compat.py"
-UPSTREAM = ("peft", "transformers", "trl", "bitsandbytes", "deepspeed")
+UPSTREAM = ("peft", "transformers", "trl", "bitsandbytes", "deepspeed", "accelerate")
 # torch internals are outside this scope (torch is not one of the libraries above): the ones the package reads.
 TORCH_PRIVATE = {"_cdata", "_indices", "_values", "_version", "_register_load_state_dict_pre_hook"}
 OTHER_MODULES = {"argparse", "torch"}  # `argparse._SubParsersAction` in annotations is the standard library's
@@ -421,3 +421,16 @@ def test_the_scan_allows_tuner_hooks_and_own_private_names():
                "    def _own_helper(self):\n        return self._own_helper\n")
     tree = ast.parse(snippet)
     assert violations(tree, own_names([tree]), upstream_members()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- accelerate
+def test_contract_has_accelerate_hook():
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    model = cpu_offload(MLP(), execution_device="cpu")
+    contract(compat.has_accelerate_hook(model.lin0) and not compat.has_accelerate_hook(nn.Linear(2, 2)),
+             "accelerate no longer marks hooked modules with `_hf_hook` (accelerate.hooks.add_hook_to_module)")
+    remove_hook_from_module(model.lin0)
+    contract(not compat.has_accelerate_hook(model.lin0),
+             "accelerate's remove_hook_from_module no longer removes `_hf_hook`")

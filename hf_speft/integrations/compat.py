@@ -40,6 +40,7 @@ RELIANCES: dict[str, tuple[str, ...]] = {
     "is_cpu_packed": ("packing_format_for_cpu",),
     "standard_layout_copy": ("_convert_weight_packed_for_cpu_inverse", "original_nested", "original_dtype"),
     "is_partitioned": ("ds_id",),
+    "has_accelerate_hook": ("_hf_hook",),
 }
 
 # The tuner hooks SPEFT overrides, calls or sets (peft's documented extension points; not moved here): "Owner.name"
@@ -300,3 +301,9 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     transformers, peft and accelerate test too); its own `is_zero_param` tests the same but imports DeepSpeed."""
     return hasattr(parameter, "ds_id")
 
+
+# ------------------------------------------------------------------------------------------------------- accelerate
+def has_accelerate_hook(module: nn.Module) -> bool:
+    """True for a module accelerate has hooked (`add_hook_to_module`: offload, `dispatch_model`, `cpu_offload`):
+    accelerate marks it only by the `_hf_hook` attribute (what transformers and peft test too)."""
+    return hasattr(module, "_hf_hook")
