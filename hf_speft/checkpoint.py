@@ -91,6 +91,8 @@ def staged_folder(folder: str, keep: tuple[str, ...] = ()) -> Iterator[str]:
     `folder` is left exactly as it was and nothing half-written remains. `keep` (paths relative to `folder`, e.g. a
     README.md a save updates rather than replaces) are copied into the stage first."""
     folder = os.path.abspath(folder)
+    if os.path.isfile(folder):
+        raise ValueError(f"Provided path ({folder}) should be a directory, not a file")  # peft's words
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     holder = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.saving-", dir=parent)

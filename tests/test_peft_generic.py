@@ -696,6 +696,8 @@ def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             model.save_pretrained(folder)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="should be a directory, not a file"):
+        model.save_pretrained(tmp_path / "kept" / "notes.txt")
     assert {path.name: path.read_bytes() for path in (tmp_path / "kept").iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept"]  # no staging folder left behind
     monkeypatch.undo()
