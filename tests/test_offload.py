@@ -78,10 +78,11 @@ def test_dispatch_model_with_layers_on_disk(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_from_pretrained_on_a_base_with_layers_on_disk(case, tmp_path):
+def test_from_pretrained_on_a_base_with_layers_on_disk(case, tmp_path, monkeypatch):
     """A base loaded by transformers with `device_map` and `offload_folder`, the adapter by `PeftModel.from_pretrained`
     with the same map: the logits of the adapter loaded normally. (Adapted layers stay resident here: peft writes the
     adapter weights of disk-offloaded tuner layers into its offload files under LoRA's key layout only.)"""
+    monkeypatch.chdir(tmp_path)  # peft's `_update_offload` rewrites the offloaded base file relative to the cwd
     model = adapted(case)
     batch = inputs_for("llama")
     expected = logits(model, batch)
