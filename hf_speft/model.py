@@ -91,6 +91,16 @@ def adapt_peft_model() -> None:
     )
 
 
+def _offloaded(model: nn.Module, key: str, target: nn.Module) -> bool:
+    """Whether accelerate offloaded the weights of module `key` (to the CPU or disk, per the model's `hf_device_map`;
+    peft removes the offload hooks before injecting, leaving them on the meta device)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    entries = [name for name in device_map if name == "" or key == name or key.startswith(name + ".")]
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    return bool(entries) and device_map[max(entries, key=len)] in ("cpu", "disk") and any(
+        parameter.is_meta for parameter in base.parameters(recurse=False))
+
+
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
     """Forward pre-hook: the layer's forward gets `adapter_names=` (mixed-adapter batches)."""
     return args, {**kwargs, "adapter_names": adapter_names}
@@ -159,6 +169,13 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if getattr(self, "_hot_swap", None) is not None:  # also called on peft's mixed models, which have no swaps
             self._hot_swap.layers = None
+        if _offloaded(self.model, current_key, target):
+            raise ValueError(
+                f"Cannot add a SPEFT adapter to {current_key!r}: accelerate offloaded its weights (they are on the "
+                "meta device), and peft's offload files hold only LoRA-style adapter tensors. Create or load the "
+                "adapter on the model first, then offload the PeftModel (accelerate's cpu_offload, disk_offload or "
+                "dispatch_model)."
+            )
         if isinstance(target, SparsePeftLayer):
             target.update_layer(adapter_name, config)
             return

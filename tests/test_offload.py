@@ -96,3 +96,17 @@ def test_from_pretrained_on_a_base_with_layers_on_disk(case, tmp_path, monkeypat
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter", device_map=peft_keys(frozen_on_disk),
                                        offload_folder=tmp_path / "offload").eval()
     torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+
+
+def test_loading_onto_offloaded_adapted_layers_is_refused_clearly(tmp_path, monkeypatch):
+    """Adapted layers whose weights accelerate offloaded: a one-line error saying what to do, before any work (peft
+    writes only LoRA-style adapter tensors into its offload files; accelerate failed later with "default is on the
+    meta device")."""
+    monkeypatch.chdir(tmp_path)
+    build("llama").save_pretrained(tmp_path / "base")
+    adapted("local").save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=DISK_MAP,
+                                                offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match="accelerate offloaded its weights"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter", device_map=peft_keys(DISK_MAP),
+                                  offload_folder=tmp_path / "offload")
