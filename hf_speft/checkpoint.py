@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE_WEIGHTS = "adapter_model.bin"  # what `save_pretrained(safe_serialization=False)` writes instead
 ADAPTER_CONFIG = "adapter_config.json"
 MASK_ATTRIBUTES = ("speft_indices", "speft_values", "speft_weight_shape")
 RESIDUAL_ATTRIBUTES = ("speft_residual_indices", "speft_residual_values")
@@ -52,18 +56,64 @@ def _naming(file: str) -> Iterator[None]:
 
     try:
         yield
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise CorruptAdapterError(f"Cannot read the adapter file {file}: {error}") from None
 
 
+def weights_file(folder: str) -> str:
+    """The adapter file in `folder`: `adapter_model.safetensors`, else the pickle file a
+    `save_pretrained(safe_serialization=False)` writes, else (neither exists) the safetensors path."""
+    pickled = os.path.join(folder, ADAPTER_PICKLE_WEIGHTS)
+    safe = os.path.join(folder, ADAPTER_WEIGHTS)
+    return pickled if os.path.isfile(pickled) and not os.path.isfile(safe) else safe
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file (or of the `adapter_model.safetensors` in a folder); a file that safetensors
-    cannot read raises `CorruptAdapterError` naming it."""
+    """The tensors of an adapter file (or of the adapter file in a folder, see `weights_file`), safetensors or pickle
+    (read with `weights_only=True`, as peft loads it); an unreadable file raises `CorruptAdapterError` naming it."""
     from safetensors.torch import load_file
 
-    file = os.path.join(path, ADAPTER_WEIGHTS) if os.path.isdir(path) else path
+    file = weights_file(path) if os.path.isdir(path) else path
     with _naming(file):
+        if file.endswith(".bin"):
+            return torch.load(file, map_location="cpu", weights_only=True)
         return load_file(file)
+
+
+_OTHER_FORMAT = {ADAPTER_WEIGHTS: ADAPTER_PICKLE_WEIGHTS, ADAPTER_PICKLE_WEIGHTS: ADAPTER_WEIGHTS}
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str, keep: tuple[str, ...] = ()) -> Iterator[str]:
+    """A fresh folder to save into in place of `folder` (same name, in a temporary sibling of it). When the block
+    ends without error, every file written there replaces its namesake in `folder` (created if absent; other files
+    stay, except an adapter file of the other format, which peft would load in place of the new one); on error
+    `folder` is left exactly as it was and nothing half-written remains. `keep` (paths relative to `folder`, e.g. a
+    README.md a save updates rather than replaces) are copied into the stage first."""
+    folder = os.path.abspath(folder)
+    if os.path.isfile(folder):
+        raise ValueError(f"Provided path ({folder}) should be a directory, not a file")  # peft's words
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    holder = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.saving-", dir=parent)
+    stage = os.path.join(holder, os.path.basename(folder))
+    try:
+        os.makedirs(stage)
+        for relative in keep:
+            if os.path.isfile(os.path.join(folder, relative)):
+                os.makedirs(os.path.dirname(os.path.join(stage, relative)), exist_ok=True)
+                shutil.copy2(os.path.join(folder, relative), os.path.join(stage, relative))
+        yield stage
+        for root, _, files in os.walk(stage):
+            target = os.path.join(folder, os.path.relpath(root, stage))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+                stale = _OTHER_FORMAT.get(name)
+                if stale and os.path.isfile(os.path.join(target, stale)):
+                    os.remove(os.path.join(target, stale))
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def check_readable(path: str) -> None:

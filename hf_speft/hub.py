@@ -22,8 +22,8 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from .checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError,
-                         ModuleDelta, file_deltas, read_weights)
+from .checkpoint import (ADAPTER_CONFIG, MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta,
+                         file_deltas, read_weights, weights_file)
 
 CARD_START, CARD_END = "<!-- hf-speft card start -->", "<!-- hf-speft card end -->"
 TRAINING_START, TRAINING_END = "<!-- hf-speft training start -->", "<!-- hf-speft training end -->"
@@ -108,13 +108,14 @@ class AdapterFolder:
 
     @property
     def weights_path(self) -> str:
-        return os.path.join(self.path, ADAPTER_WEIGHTS)
+        return weights_file(self.path)
 
 
 def read_adapter_folder(path: str) -> AdapterFolder:
-    """Read an adapter folder (adapter_config.json + adapter_model.safetensors); its tensors are validated as loading
-    validates them (`hf_speft.checkpoint`). Anything unreadable raises `AdapterFolderError` naming it."""
-    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    """Read an adapter folder (adapter_config.json + adapter_model.safetensors, or the adapter_model.bin of a pickle
+    save); its tensors are validated as loading validates them (`hf_speft.checkpoint`). Anything unreadable raises
+    `AdapterFolderError` naming it."""
+    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), weights_file(path)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
             raise AdapterFolderError(
@@ -149,7 +150,8 @@ def summarize_adapter(path: str, folder: Optional[AdapterFolder] = None) -> Adap
 
 def model_summary(peft_model: Any, adapter_name: str, path: str) -> AdapterSummary:
     """The `AdapterSummary` of `adapter_name` as `peft_model.save_pretrained` just saved it to `path`, built from the
-    model and its config in memory (the adapter file is not read back; only its size is looked up)."""
+    model and its config in memory (the adapter file, safetensors or pickle, is not read back; only its size is looked
+    up)."""
     from .layer import sparse_layers
 
     config = peft_model.peft_config[adapter_name]
@@ -165,7 +167,7 @@ def model_summary(peft_model: Any, adapter_name: str, path: str) -> AdapterSumma
                                      tensors["speft_indices"].numel(), 0 if residual is None else residual.numel()))
     saved = json.loads(json.dumps({**config.to_dict(), "saved_masks": True}, default=_json_default))
     return AdapterSummary(path=path, config=saved, modules=sorted(modules, key=lambda m: _natural(m.name)),
-                          dtypes=dtypes, file_bytes=os.path.getsize(os.path.join(path, ADAPTER_WEIGHTS)),
+                          dtypes=dtypes, file_bytes=os.path.getsize(weights_file(path)),
                           values_bytes_per_entry=_DTYPE_BYTES.get(dtypes.get("speft_values", "F32"), 4))
 
 

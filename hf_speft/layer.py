@@ -22,7 +22,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fold import entries_with_delta, flat_weight, fold_blocker, folded_product
-from .integrations.compat import BufferDict, in_out_features, is_partitioned
+from .integrations.compat import (BufferDict, has_accelerate_hook, in_out_features, is_partitioned,
+                                  move_adapter_to_base_layer)
 from .ops import SparsePattern, index_dtype_for, sparse_delta, transposed_positions
 
 if TYPE_CHECKING:
@@ -108,6 +109,24 @@ class AdapterRows(list):
         return cache[device]
 
 
+class ForwardParameterDict(nn.ParameterDict):
+    """An `nn.ParameterDict` that can be read through its forward (`fetch`), so that accelerate's offload hooks on it
+    run: accelerate (`cpu_offload`, `dispatch_model` with offloaded layers) hooks each module that holds tensors
+    directly and brings them to the execution device only around that module's forward; indexed, they would stay on
+    the meta device. (peft's LoRA survives offload the same way: its lora_A/B are modules whose forward runs.)"""
+
+    __call__ = nn.Module.__call__  # nn.ParameterDict refuses to be called
+
+    def forward(self, key: str) -> nn.Parameter:
+        return self[key]
+
+    def fetch(self, key: str) -> nn.Parameter:
+        """`self[key]`, through the forward only when accelerate hooked this dict: DeepSpeed ZeRO-3 gathers an
+        indexed parameter for the layer whose forward runs, but would release it again when the dict's own forward
+        ends, before the layer has used it."""
+        return self(key) if has_accelerate_hook(self) else self[key]
+
+
 class SparsePeftLayer(BaseTunerLayer):
     """Tuner layer holding sparse deltas for one base layer; see the module docstring."""
 
@@ -117,13 +136,13 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.speft_values = nn.ParameterDict({})
+        self.speft_values = ForwardParameterDict({})
         self.speft_indices = BufferDict({}, persistent=True)
         self.speft_weight_shape = BufferDict({}, persistent=True)
         self.speft_residual_indices = BufferDict({}, persistent=True)
         self.speft_residual_values = BufferDict({}, persistent=True)
-        self.speft_lora_A = nn.ParameterDict({})
-        self.speft_lora_B = nn.ParameterDict({})
+        self.speft_lora_A = ForwardParameterDict({})
+        self.speft_lora_B = ForwardParameterDict({})
         self.speft_lora_dropout = nn.ModuleDict({})
         self.speft_lora_scaling: dict[str, float] = {}
         self._disable_adapters = False
@@ -156,7 +175,7 @@ class SparsePeftLayer(BaseTunerLayer):
         self.speft_uncalibrated.add(adapter_name)
         if config.lora_r:
             self._add_low_rank(adapter_name, config)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_layer(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _add_low_rank(self, adapter_name: str, config: SparsePeftConfig) -> None:
@@ -183,7 +202,7 @@ class SparsePeftLayer(BaseTunerLayer):
 
     def low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The hybrid low-rank part's contribution to the output for input `x` (dropout, B·A, scaling)."""
-        lora_a, lora_b = self.speft_lora_A[adapter_name], self.speft_lora_B[adapter_name]
+        lora_a, lora_b = self.speft_lora_A.fetch(adapter_name), self.speft_lora_B.fetch(adapter_name)
         x = self.speft_lora_dropout[adapter_name](x.to(lora_a.dtype))
         return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.speft_lora_scaling[adapter_name]
 
@@ -515,7 +534,7 @@ class Linear(nn.Module, SparsePeftLayer):
         it."""
         result = folded_product(self.base_layer, x, self._delta_positions(adapter_name),
                                 self._delta_values(adapter_name))
-        values = self.speft_values[adapter_name]
+        values = self.speft_values.fetch(adapter_name)
         if values.requires_grad and torch.is_grad_enabled():
             result = sparse_delta(result, x, values, self.pattern(adapter_name), add_delta=False,
                                   kernel=self.speft_kernel.get(adapter_name, "auto"))
@@ -527,7 +546,8 @@ class Linear(nn.Module, SparsePeftLayer):
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
         part."""
         kernel = self.speft_kernel.get(adapter_name, "auto")
-        result = sparse_delta(result, x, self.speft_values[adapter_name], self.pattern(adapter_name), kernel=kernel)
+        result = sparse_delta(result, x, self.speft_values.fetch(adapter_name), self.pattern(adapter_name),
+                              kernel=kernel)
         if adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]
             result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel)

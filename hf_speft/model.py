@@ -17,10 +17,11 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .checkpoint import MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, validated_module
+from .checkpoint import (MASK_ATTRIBUTES, RESIDUAL_ATTRIBUTES, CorruptAdapterError, ModuleDelta, staged_folder,
+                         validated_module)
 from .config import SparsePeftConfig
 from .compose import check_combination, compose_modules, composed_config
-from .integrations.compat import is_partitioned, rebind_peft_model_methods
+from .integrations.compat import is_partitioned, rebind_peft_model_methods, replace_module
 from .layer import (SUPPORTED_LAYERS, AdapterRows, Linear, SparsePeftLayer, base_weight_is_writable, is_quantized,
                     sparse_layers)
 from .masks import SparseMasks
@@ -59,12 +60,22 @@ def write_model_cards(peft_model: nn.Module, save_directory: str, adapter_names:
             update_model_card(folder, summary=model_summary(peft_model, name, folder))
 
 
+def staged_save(peft_model: nn.Module, save_directory: str,
+                adapter_names: Optional[list[str]] = None) -> contextlib.AbstractContextManager[str]:
+    """The folder a `save_pretrained(save_directory)` writes into (`checkpoint.staged_folder`: published only when the
+    whole save succeeds), seeded with the model cards the save updates (peft's layout: "default" at the top)."""
+    names = adapter_names or list(peft_model.peft_config)
+    cards = tuple(os.path.join("" if name == "default" else name, "README.md") for name in {"default", *names})
+    return staged_folder(save_directory, keep=cards)
+
+
 def adapt_peft_model() -> None:
     """Two `PeftModel` methods made SPEFT-aware by `integrations.compat.rebind_peft_model_methods` (peft calls no tuner
     hook there; idempotent; for models without SPEFT adapters they are peft's own):
 
     - `save_pretrained` creates the folder and its README before it asks the tuner for an adapter's tensors, where an
       uncalibrated SPEFT adapter is refused, so a refused save left a folder behind: the check now runs first.
+    - a save that fails (at any step) leaves no half-written folder: it is written aside and published at the end.
     - it also writes the SPEFT section of the model card, from the model in memory (`write_model_cards`).
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: it also says how many
       weights calibration will train.
@@ -72,11 +83,22 @@ def adapt_peft_model() -> None:
     rebind_peft_model_methods(
         applies=lambda model: isinstance(getattr(model, "base_model", None), SparseMasks),
         check_save=check_saveable,
+        stage=staged_save,
         after_save=write_model_cards,
         notes=lambda model: [f"SPEFT adapter {name!r} is not calibrated yet: its mask will train {budget:,} weights "
                              "once `hf_speft.calibrate` (or SpeftTrainer) runs"
                              for name, budget in uncalibrated_budgets(model).items()],
     )
+
+
+def _offloaded(model: nn.Module, key: str, target: nn.Module) -> bool:
+    """Whether accelerate offloaded the weights of module `key` (to the CPU or disk, per the model's `hf_device_map`;
+    peft removes the offload hooks before injecting, leaving them on the meta device)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    entries = [name for name in device_map if name == "" or key == name or key.startswith(name + ".")]
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    return bool(entries) and device_map[max(entries, key=len)] in ("cpu", "disk") and any(
+        parameter.is_meta for parameter in base.parameters(recurse=False))
 
 
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -151,13 +173,20 @@ class SparsePeftModel(SparseMasks, BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if getattr(self, "_hot_swap", None) is not None:  # also called on peft's mixed models, which have no swaps
             self._hot_swap.layers = None
+        if _offloaded(self.model, current_key, target):
+            raise ValueError(
+                f"Cannot add a SPEFT adapter to {current_key!r}: accelerate offloaded its weights (they are on the "
+                "meta device), and peft's offload files hold only LoRA-style adapter tensors. Create or load the "
+                "adapter on the model first, then offload the PeftModel (accelerate's cpu_offload, disk_offload or "
+                "dispatch_model)."
+            )
         if isinstance(target, SparsePeftLayer):
             target.update_layer(adapter_name, config)
             return
         new_module = self._create_new_module(config, adapter_name, target)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        replace_module(self, parent, target_name, new_module, target)
 
     def inject_adapter(
         self,

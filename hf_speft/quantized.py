@@ -77,7 +77,7 @@ def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.
     indices, values = layer.delta_entries(adapter_name)
     bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
     result = TransientMergeFn.apply(x.to(dtype), indices, values, bias, base_layer).to(x.dtype)
-    trainable = layer.speft_values[adapter_name]
+    trainable = layer.speft_values.fetch(adapter_name)
     if trainable.requires_grad and torch.is_grad_enabled():  # the values' gradient: the SDDMM in backward
         result = sparse_delta(result, x, trainable, layer.pattern(adapter_name), add_delta=False,
                               kernel=layer.speft_kernel.get(adapter_name, "auto"))

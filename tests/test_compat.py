@@ -2,8 +2,8 @@
 
 One contract test per entry of `compat.RELIANCES` (`test_contract_<entry>`): each checks that the upstream behaviour
 the entry relies on still holds and fails naming the upstream change. Then the tuner hooks SPEFT overrides still exist
-with the parameters it relies on, and a scan of `hf_speft/` and `recipes/` refuses any private name of peft,
-transformers, trl, bitsandbytes or deepspeed outside the compat module.
+with the parameters it relies on, and a scan of `hf_speft/`, `hf_speft_cli/` and `recipes/` refuses any private name
+of peft, transformers, trl, bitsandbytes, deepspeed or accelerate outside the compat module.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hf_speft.integrations import compat
 
 ROOT = Path(__file__).parents[1]
 COMPAT = ROOT / "hf_speft" / "integrations" / "compat.py"
-UPSTREAM = ("peft", "transformers", "trl", "bitsandbytes", "deepspeed")
+UPSTREAM = ("peft", "transformers", "trl", "bitsandbytes", "deepspeed", "accelerate")
 # torch internals are outside this scope (torch is not one of the libraries above): the ones the package reads.
 TORCH_PRIVATE = {"_cdata", "_indices", "_values", "_version", "_register_load_state_dict_pre_hook"}
 OTHER_MODULES = {"argparse", "torch"}  # `argparse._SubParsersAction` in annotations is the standard library's
@@ -71,6 +71,30 @@ def test_contract_in_out_features():
              "peft changed _get_in_out_features (peft.tuners.tuners_utils): (in, out) of Linear / Conv1D")
 
 
+def test_contract_move_adapter_to_base_layer():
+    model = get_peft_model(MLP(), SparsePeftConfig(target_modules=["lin0"], density=0.1, salience="magnitude"))
+    layer = model.base_model.model.lin0
+    layer.base_layer.to(torch.bfloat16)
+    compat.move_adapter_to_base_layer(layer, "default")
+    contract(layer.speft_values["default"].dtype == torch.bfloat16
+             and layer.speft_indices["default"].dtype in (torch.int32, torch.int64)
+             and layer.speft_weight_shape["default"].dtype == torch.int64,
+             "peft changed _move_adapter_to_device_of_base_layer (BaseTunerLayer): an adapter's float tensors take "
+             "the base layer's dtype, integer ones keep theirs")
+
+
+def test_contract_replace_module():
+    from hf_speft.layer import Linear
+
+    model = get_peft_model(MLP(), SparsePeftConfig(target_modules=["lin0"], density=0.1, salience="magnitude"))
+    parent = model.base_model.model
+    child = parent.lin1
+    new = Linear(child, "default", model.peft_config["default"])
+    compat.replace_module(model.base_model, parent, "lin1", new, child)
+    contract(parent.lin1 is new and new.get_base_layer() is child,
+             "peft changed BaseTuner._replace_module: it no longer puts the new layer in place of the old one")
+
+
 def test_contract_extend_peft_type():
     from peft.utils.peft_types import PeftType
 
@@ -110,8 +134,9 @@ def printed(function, *args) -> str:
 def test_contract_rebind_peft_model_methods(tmp_path):
     """For a model without SPEFT adapters the rebound methods are peft's: same output, same files, same errors."""
     peft_save, peft_show = PeftModel.save_pretrained.__wrapped__, PeftModel.print_trainable_parameters.__wrapped__
-    contract("selected_adapters" in inspect.signature(peft_save).parameters,
-             "peft's PeftModel.save_pretrained lost its `selected_adapters` parameter")
+    contract({"save_directory", "selected_adapters", "is_main_process"} <= set(inspect.signature(peft_save).parameters),
+             "peft's PeftModel.save_pretrained lost its `save_directory`, `selected_adapters` or `is_main_process` "
+             "parameter")
     model = lora_model()
     assert printed(model.print_trainable_parameters) == printed(peft_show, model)
     assert printed(model.print_trainable_parameters).startswith("trainable params: 60 ")  # r * (10 + 20)
@@ -319,7 +344,7 @@ def upstream_members() -> set[str]:
 
 def own_names(trees) -> set[str]:
     """Names the package itself defines: modules, functions, classes, arguments, assigned names and attributes."""
-    names = {path.stem for path in [*(ROOT / "hf_speft").rglob("*.py"), *(ROOT / "recipes").rglob("*.py")]}
+    names = {path.stem for folder in SCANNED for path in (ROOT / folder).rglob("*.py")}
     for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -375,8 +400,11 @@ def violations(tree: ast.AST, own: set[str], upstream: set[str]) -> list[str]:
     return found
 
 
+SCANNED = ("hf_speft", "hf_speft_cli", "recipes")
+
+
 def package_trees() -> dict[Path, ast.AST]:
-    paths = [*sorted((ROOT / "hf_speft").rglob("*.py")), *sorted((ROOT / "recipes").rglob("*.py"))]
+    paths = [path for folder in SCANNED for path in sorted((ROOT / folder).rglob("*.py"))]
     return {path: ast.parse(path.read_text()) for path in paths}
 
 
@@ -399,6 +427,8 @@ def test_no_upstream_internals_outside_the_compat_module():
     "def f(self):\n    self._train_batch_size = 1",
     "import peft.mixed_model\npeft.mixed_model.MixedModel = object",
     "from peft import PeftModel\nPeftModel.save_pretrained = print",
+    "class L:\n    def update_layer(self, name):\n        self._move_adapter_to_device_of_base_layer(name)",
+    "class T:\n    def f(self, *a):\n        self._replace_module(*a)",
 ])
 def test_the_scan_finds_each_kind_of_reliance(snippet):
     trees = package_trees()
@@ -411,3 +441,16 @@ def test_the_scan_allows_tuner_hooks_and_own_private_names():
                "    def _own_helper(self):\n        return self._own_helper\n")
     tree = ast.parse(snippet)
     assert violations(tree, own_names([tree]), upstream_members()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- accelerate
+def test_contract_has_accelerate_hook():
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    model = cpu_offload(MLP(), execution_device="cpu")
+    contract(compat.has_accelerate_hook(model.lin0) and not compat.has_accelerate_hook(nn.Linear(2, 2)),
+             "accelerate no longer marks hooked modules with `_hf_hook` (accelerate.hooks.add_hook_to_module)")
+    remove_hook_from_module(model.lin0)
+    contract(not compat.has_accelerate_hook(model.lin0),
+             "accelerate's remove_hook_from_module no longer removes `_hf_hook`")

@@ -12,6 +12,7 @@ the parameters it relies on; the contract test checks they still exist with thos
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -27,6 +28,8 @@ from torch import nn
 RELIANCES: dict[str, tuple[str, ...]] = {
     "BufferDict": ("_buffer_dict",),
     "in_out_features": ("_get_in_out_features",),
+    "move_adapter_to_base_layer": ("_move_adapter_to_device_of_base_layer",),
+    "replace_module": ("_replace_module",),
     "extend_peft_type": ("_name_", "_value_", "_member_map_", "_value2member_map_", "_member_names_", "_sort_order_"),
     "enable_mixed_tuner": ("COMPATIBLE_TUNER_TYPES", "PREFIXES", "Layers", "mixed_model.MixedModel"),
     "rebind_peft_model_methods": ("PeftModel.save_pretrained", "PeftModel.print_trainable_parameters"),
@@ -40,6 +43,7 @@ RELIANCES: dict[str, tuple[str, ...]] = {
     "has_call_hooks": ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_hf_hook",
                        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                        "_global_backward_pre_hooks"),
+    "has_accelerate_hook": ("_hf_hook",),
 }
 
 # The tuner hooks SPEFT overrides, calls or sets (peft's documented extension points; not moved here): "Owner.name"
@@ -54,12 +58,10 @@ TUNER_HOOKS: dict[str, Optional[tuple[str, ...]]] = {
     "BaseTuner._unload_and_optionally_merge": ("merge", "progressbar", "safe_merge", "adapter_names"),
     "BaseTuner._get_adapter_state_dict": ("model", "config", "adapter_name", "state_dict", "unwanted_adapter_names"),
     "BaseTuner._remap_adapter_state_dict_for_load": ("model", "config", "adapter_name", "state_dict"),
-    "BaseTuner._replace_module": ("parent", "child_name", "new_module", "child"),
     "MixedModel._check_new_adapter_config": ("config",),
     "MixedModel._create_and_replace": ("config", "args", "kwargs"),
     "MixedModel._create_new_module": ("config", "adapter_name", "target"),
     "PeftModel._enable_peft_forward_hooks": ("args", "kwargs"),
-    "BaseTunerLayer._move_adapter_to_device_of_base_layer": ("adapter_name", "device"),
     "BaseTunerLayer._active_adapter": None,
     "BaseTunerLayer._disable_adapters": None,
 }
@@ -76,6 +78,21 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     from peft.tuners.tuners_utils import _get_in_out_features
 
     return _get_in_out_features(module)
+
+
+def move_adapter_to_base_layer(layer: nn.Module, adapter_name: str) -> None:
+    """Move adapter `adapter_name`'s tensors in a peft tuner layer to its base layer's device and floating dtype
+    (integer tensors keep theirs; meta ones stay), by `BaseTunerLayer._move_adapter_to_device_of_base_layer`: what
+    peft's own tuners call at the end of `update_layer`; peft has no public equivalent."""
+    layer._move_adapter_to_device_of_base_layer(adapter_name)
+
+
+def replace_module(tuner: nn.Module, parent: nn.Module, child_name: str, new_module: nn.Module,
+                   child: nn.Module) -> None:
+    """Put `new_module` (a new tuner layer wrapping `child`) in place of `child` as `parent.<child_name>`, by
+    `BaseTuner._replace_module`, what peft's own tuners call from `_create_and_replace`: it also moves the new
+    layer's tensors to the device of the weights they sit next to (meta-device placeholders included)."""
+    tuner._replace_module(parent, child_name, new_module, child)
 
 
 def extend_peft_type(name: str) -> Any:
@@ -125,14 +142,18 @@ def enable_mixed_tuner(peft_type: Any, prefix: str, layer_cls: type, mixed_model
 
 def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
                               check_save: Callable[[nn.Module, Optional[list[str]]], None],
+                              stage: Callable[[nn.Module, str, Optional[list[str]]],
+                                              contextlib.AbstractContextManager[str]],
                               after_save: Callable[[nn.Module, str, Optional[list[str]]], None],
                               notes: Callable[[nn.Module], Iterable[str]]) -> None:
     """Make `PeftModel.save_pretrained` and `PeftModel.print_trainable_parameters` serve an outside tuner (idempotent).
 
     - `save_pretrained` creates the folder and its README before any tuner hook runs, so a save the tuner refuses
-      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first. Once
-      peft has written the files, `after_save(model, save_directory, selected_adapters)` runs on the main process
-      (the model card is written from the model in memory, with no re-read of what peft just wrote).
+      (an uncalibrated mask) would leave a folder behind: `check_save(model, selected_adapters)` runs first. On the
+      main process peft then saves into `stage(model, save_directory, selected_adapters)` (a context manager giving
+      the folder to write, which publishes it when the block succeeds), and `after_save(model, folder,
+      selected_adapters)` runs there once peft has written the files (the model card is written from the model in
+      memory, with no re-read of what peft just wrote); a save that fails anywhere leaves no half-written folder.
     - `print_trainable_parameters` counts parameters, and an uncalibrated mask has none yet: each of `notes(model)`
       is printed after peft's line.
 
@@ -155,9 +176,12 @@ def rebind_peft_model_methods(applies: Callable[[nn.Module], bool],
         arguments.apply_defaults()
         selected = arguments.arguments["selected_adapters"]
         check_save(self, selected)
-        result = save(self, *args, **kwargs)
-        if arguments.arguments["is_main_process"]:
-            after_save(self, arguments.arguments["save_directory"], selected)
+        if not arguments.arguments["is_main_process"]:
+            return save(*arguments.args, **arguments.kwargs)
+        with stage(self, arguments.arguments["save_directory"], selected) as folder:
+            arguments.arguments["save_directory"] = folder
+            result = save(*arguments.args, **arguments.kwargs)
+            after_save(self, folder, selected)
         return result
 
     @functools.wraps(show)
@@ -294,3 +318,9 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     transformers, peft and accelerate test too); its own `is_zero_param` tests the same but imports DeepSpeed."""
     return hasattr(parameter, "ds_id")
 
+
+# ------------------------------------------------------------------------------------------------------- accelerate
+def has_accelerate_hook(module: nn.Module) -> bool:
+    """True for a module accelerate has hooked (`add_hook_to_module`: offload, `dispatch_model`, `cpu_offload`):
+    accelerate marks it only by the `_hf_hook` attribute (what transformers and peft test too)."""
+    return hasattr(module, "_hf_hook")

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers import Trainer
 
-from ..checkpoint import ADAPTER_WEIGHTS
+from ..checkpoint import weights_file
 from ..config import SparsePeftConfig
 from ..hub import update_model_card
 from ..integrations.compat import calibration_dataloader
@@ -139,7 +139,7 @@ class SpeftTrainerMixin:
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The Trainer's card (used by `push_to_hub`), with the SPEFT section and what this run knows of training."""
         super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero() and os.path.isfile(os.path.join(self.args.output_dir, ADAPTER_WEIGHTS)):
+        if self.is_world_process_zero() and os.path.isfile(weights_file(self.args.output_dir)):
             update_model_card(self.args.output_dir, repo_id=self.hub_model_id, training=self._training_facts(kwargs))
 
     def _training_facts(self, card_kwargs: dict[str, Any]) -> dict[str, Any]:
