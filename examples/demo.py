@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(min(4, cores))  # the cores this process may use (taskset, containers), at most 4
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="speft-demo-"))
     train_rows, test_rows = load_problems(args)
     random.Random(args.seed).shuffle(train_rows)
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(train_examples)} training and {len(eval_examples)} held-out test problems of "
           f"{args.dataset_name or args.dataset_path} (those that fit in {args.max_length} tokens); "
           f"{args.steps} steps of {args.batch_size}, AdamW lr {args.learning_rate:g} for both methods")
-    print(f"SPEFT: gradient salience on {args.salience_batches} batches, budget of a rank-{args.rank} LoRA on "
-          f"{', '.join(TARGETS)}")
+    print(f"SPEFT: gradient salience on {args.salience_batches} batches, the budget of peft's LoRA r={args.rank} "
+          f"(alpha {2 * args.rank}) on {', '.join(TARGETS)}")
     print(f"\n{'method':8s} {'trainable':>10s} {'train loss first -> last':>25s} {'held-out answer NLL':>28s}")
     for name, (count, losses) in results.items():
         print(f"{name:8s} {count:>10,} {losses[0]:>12.3f} -> {losses[-1]:<9.3f} "
