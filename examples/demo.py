@@ -158,14 +158,15 @@ def ascii_mask(adapter_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def save_png(adapter_dir: Path, out: Path) -> str:
-    """The `hf-speft plot` picture of the adapter, or why there is none."""
+def save_png(adapter_dir: Path, out: Path) -> None:
+    """`hf-speft plot`'s picture of the adapter (it prints the path), or why there is none."""
     from hf_speft_cli import main as cli
 
     if importlib.util.find_spec("matplotlib") is None:
-        return "no PNG: `hf-speft plot` needs matplotlib (pip install 'hf-speft[plot]')"
+        print("no PNG: `hf-speft plot` needs matplotlib (pip install 'hf-speft[plot]')")
+        return
+    print("the same as a picture (hf-speft plot): ", end="", flush=True)
     cli(["plot", str(adapter_dir), "--out", str(out)])
-    return f"PNG (hf-speft plot): {out}"
 
 
 def adapter_checks(model_dir: Path, adapter_dir: Path, trained, batch: dict) -> tuple[float, float, float]:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntest problem: {sample['question']}\nreference: {sample['answer'].splitlines()[-1]}")
     print(f"before: {answer_before.strip()!r}\nafter (SPEFT): {answer_after.strip()!r}")
     print(f"\nSPEFT mask, density per layer and module:\n{ascii_mask(adapter_dir)}")
-    print(save_png(adapter_dir, workdir / "speft_mask.png"))
+    save_png(adapter_dir, workdir / "speft_mask.png")
     print(f"\nsaved adapter {adapter_dir}: reloaded on a fresh base = trained (max |diff| {reload_error:.1e}), "
           f"changes the base by {changed:.3f}, merged = unmerged (max |diff| {merge_error:.1e})")
     counts = {count for count, _ in results.values()}
