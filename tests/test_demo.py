@@ -46,6 +46,8 @@ def test_quick_demo_learns_and_checks_the_adapter(workdir, capsys):
     mask = output.split("density per layer and module:\n")[1].split("scale:")[0].splitlines()
     assert mask[0].split() == ["layer", "q", "k", "v", "o", "gate", "up", "down"] and len(mask) == 1 + 30  # 30 layers
     assert re.search(r"reloaded on a fresh base = trained .* merged = unmerged", output)
+    if importlib.util.find_spec("matplotlib"):  # the [plot] extra
+        assert f"wrote {workdir / 'speft_mask.png'}" in output and (workdir / "speft_mask.png").stat().st_size > 0
     assert re.search(r"^took \d+ s$", output, re.MULTILINE) and output.rstrip().endswith("RESULT: OK")
 
 
