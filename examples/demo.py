@@ -52,12 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_path", default=str(DATA), help="folder with train.jsonl/test.jsonl in GSM8K format "
                         "(default: the slice shipped in examples/data/gsm8k)")
     parser.add_argument("--dataset_name", default=None, help="a Hub dataset instead, e.g. openai/gsm8k (config 'main')")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per method")
+    parser.add_argument("--steps", type=int, default=16, help="training steps per method")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW rate, the same for SPEFT and LoRA")
     parser.add_argument("--rank", type=int, default=8, help="the budget: LoRA rank r; SPEFT trains as many weights")
     parser.add_argument("--salience_batches", type=int, default=4, help="training batches for gradient salience")
-    parser.add_argument("--eval_problems", type=int, default=20, help="test problems for the held-out NLL")
+    parser.add_argument("--eval_problems", type=int, default=16, help="test problems for the held-out NLL")
     parser.add_argument("--max_length", type=int, default=160, help="the problems used are those whose prompt and "
                         "solution fit in this many tokens")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="greedy decoding budget of the sample answer")
