@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import TYPE_CHECKING, Optional
 
 from .common import ADAPTER_DIR_HELP, CliError
+
+if TYPE_CHECKING:
+    from hf_speft.hub import AdapterSummary
+
+
+def density_grid(summary: AdapterSummary) -> tuple[list[int], list[str], list[list[Optional[float]]]]:
+    """(layers, module kinds, density per layer x kind) of an adapter; layer -1 holds modules outside numbered
+    blocks, None marks a kind a layer does not adapt."""
+    layers: dict[int, dict[str, float]] = {}
+    kinds: list[str] = []
+    for module in summary.modules:
+        match = re.search(r"\.(\d+)\.", f".{module.name}.")
+        layer = int(match.group(1)) if match else -1
+        kind = module.name.rsplit(".", 1)[-1]
+        layers.setdefault(layer, {})[kind] = module.density
+        if kind not in kinds:
+            kinds.append(kind)
+    order = sorted(layers)
+    return order, kinds, [[layers[layer].get(kind) for kind in kinds] for layer in order]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -22,20 +42,8 @@ def run(args: argparse.Namespace) -> None:
 
     folder = read_adapter_folder(args.adapter_dir)
     summary = summarize_adapter(args.adapter_dir, folder)
-    layers: dict[int, dict[str, float]] = {}
-    kinds: list[str] = []
-    for module in summary.modules:
-        match = re.search(r"\.(\d+)\.", f".{module.name}.")
-        layer = int(match.group(1)) if match else -1
-        kind = module.name.rsplit(".", 1)[-1]
-        layers.setdefault(layer, {})[kind] = module.density
-        if kind not in kinds:
-            kinds.append(kind)
-    order = sorted(layers)
-    grid = np.full((len(order), len(kinds)), np.nan)
-    for row, layer in enumerate(order):
-        for column, kind in enumerate(kinds):
-            grid[row, column] = layers[layer].get(kind, np.nan)
+    order, kinds, rows = density_grid(summary)
+    grid = np.array([[np.nan if density is None else density for density in row] for row in rows], dtype=float)
     values = np.concatenate([t.float().abs().numpy() for k, t in folder.tensors.items() if k.endswith(".speft_values")])
 
     figure, (heat, hist) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(order) + 2)))

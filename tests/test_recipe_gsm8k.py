@@ -13,7 +13,8 @@ import pytest
 import torch
 from distributed_helpers import torchrun_two_processes
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe_utils import MethodArguments
@@ -22,9 +23,6 @@ RECIPE = Path(__file__).parents[1] / "recipes" / "gsm8k.py"
 spec = importlib.util.spec_from_file_location("gsm8k_recipe", RECIPE)
 gsm8k = sys.modules["gsm8k_recipe"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gsm8k)
-demo_spec = importlib.util.spec_from_file_location("speft_demo", RECIPE.parents[1] / "examples" / "demo.py")
-demo = importlib.util.module_from_spec(demo_spec)
-demo_spec.loader.exec_module(demo)
 
 PROBLEMS = [
     {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -74,12 +72,29 @@ def test_malformed_data_names_file_and_line(tmp_path, content, message):
         gsm8k.read_gsm8k_jsonl(str(tmp_path / "test.jsonl"))
 
 
+def build_tiny_checkpoint(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2) -> None:
+    """A Llama built from a config and a byte-level BPE tokenizer trained on `texts`, saved like a Hub checkpoint."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, eos_token_id=1, pad_token_id=0,
+                                 bos_token_id=None)).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """The demo's tiny Llama and byte-level BPE tokenizer (trained on the problems), saved like a Hub checkpoint."""
+    """A tiny Llama and byte-level BPE tokenizer (trained on the problems), saved like a Hub checkpoint."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     texts = [gsm8k.PROMPT.format(question=row["question"]) + " " + row["answer"] for row in PROBLEMS]
-    demo.build_tiny_checkpoint(folder, texts, hidden=32)
+    build_tiny_checkpoint(folder, texts)
     return folder
 
 
