@@ -2,8 +2,9 @@
 
 Each method trains a tiny Llama (hidden 1024, 4 layers, vocab 8192, batch 4x256, all 7 projection types targeted) in a
 fresh subprocess; rounds are interleaved and every figure is also given as a ratio to LoRA from the same run. `speft`
-is SPEFT's default path (the automatic kernel choice, recorded per round; `HF_SPEFT_KERNEL` forces one), `speft_fold`
-the same with `fold_weights=True`.
+is SPEFT's default path (`fold_weights="auto"`: the scoped fold; the automatic kernel choice for the values' gradient,
+recorded per round; `HF_SPEFT_KERNEL` forces one), `speft_unfolded` the same with `fold_weights=False` (the base
+product plus sparse corrections, what runs where folding does not apply).
 
     python benchmarks/memory_speed.py                  # 3 rounds, JSON lines to benchmarks/results/memory_speed.jsonl
     python benchmarks/memory_speed.py --rounds 1 --steps 3 --methods lora speft   # quick look
@@ -18,7 +19,7 @@ from harness import PeakRss, median, parser_for, rss_bytes, run
 
 from hf_speft.memory import saved_for_backward_bytes
 
-METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_fold"]
+METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_unfolded"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
 
@@ -50,7 +51,7 @@ def _build(method: str, args):
     if method == "dense_sim":
         return _dense_masked_simulation(model, targeted, lora_count / targeted_numel)
     config = hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK, salience="magnitude",
-                                       fold_weights=method == "speft_fold")
+                                       fold_weights="auto" if method == "speft" else False)
     return get_peft_model(model, config)
 
 
