@@ -240,11 +240,18 @@ def main() -> None:
         print(table(quality(args)))
 
 
+SPEED_COLUMNS = ["method", "trainable", "step s (salience excluded)", "÷LoRA", "peak RSS, training", "÷LoRA",
+                 "peak RSS, whole process", "÷LoRA", "saved-for-backward ÷LoRA", "optimizer state ÷LoRA", "salience s"]
+# the speed part alone, at benchmarks/README.md's settings (batch 2 × 256 tokens, 4 salience batches)
+SPEED_COMMAND = "python benchmarks/real_model.py --batch_size 2 --salience_batches 4 --skip_quality"
+
+
 def speed_table(medians: dict[str, dict[str, float]]) -> str:
-    """The Markdown table of the speed part: per method, medians over rounds (ratios are per-round ratios)."""
-    lines = ["| method | trainable | step s (salience excluded) | ÷LoRA | peak RSS, training | ÷LoRA | "
-             "peak RSS, whole process | ÷LoRA | saved-for-backward ÷LoRA | optimizer state ÷LoRA | salience s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The Markdown table of the speed part: per method, medians over rounds (ratios are per-round ratios); without
+    measurements, the same columns and a row saying how to measure them."""
+    lines = ["| " + " | ".join(SPEED_COLUMNS) + " |", "|---|" + "---:|" * (len(SPEED_COLUMNS) - 1)]
+    if not medians:
+        return "\n".join(lines + [f"| not yet measured: run `{SPEED_COMMAND}` |" + " |" * (len(SPEED_COLUMNS) - 1)])
     for method, row in medians.items():
         lines.append(
             f"| {method} | {row['trainable_params']:,.0f} | {row['step_time_s']:.2f} | "

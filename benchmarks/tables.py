@@ -1,7 +1,8 @@
 """The benchmark tables of the docs, generated from `benchmarks/results/` so they cannot drift from the measurements.
 
 Every table sits in a Markdown file between `<!-- table:NAME -->` and `<!-- /table -->`; this script rewrites those
-blocks in README.md, benchmarks/README.md and docs/kernels.md from the result files.
+blocks in README.md, benchmarks/README.md and docs/*.md from the result files, or, for figures the code computes
+rather than measures (docs/memory.md's estimates), from the code itself.
 
     python benchmarks/tables.py           # rewrite the blocks
     python benchmarks/tables.py --check   # exit 1 if a block differs from its results (run by the tests)
@@ -19,8 +20,9 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent
 RESULTS = BENCHMARKS / "results"
-DOCUMENTS = [BENCHMARKS.parent / "README.md", BENCHMARKS / "README.md", BENCHMARKS.parent / "docs" / "kernels.md"]
-sys.path.insert(0, str(BENCHMARKS))
+ROOT = BENCHMARKS.parent
+DOCUMENTS = [ROOT / "README.md", BENCHMARKS / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+sys.path[:0] = [str(BENCHMARKS), str(ROOT)]  # the benchmark modules, and this tree's hf_speft
 
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "peft LoRA r=8", "supertuning": "peft Supertuning",
                 "shira": "peft SHiRA", "dense_sim": "dense-masked simulation", "speft": "**hf-speft**",
@@ -176,10 +178,8 @@ def real_model() -> str:
 def real_model_speed() -> str:
     from real_model import speed_table
 
-    if not (RESULTS / "real_model_speed.jsonl").is_file():
-        return "\n".join(["| method | step s (salience excluded) ÷LoRA | peak RSS, training ÷LoRA |", "|---|---:|---:|",
-                          "| — (not measured yet: `python benchmarks/real_model.py`) | — | — |"])
-    return speed_table(_medians(_lines("real_model_speed.jsonl")))
+    measured = (RESULTS / "real_model_speed.jsonl").is_file()
+    return speed_table(_medians(_lines("real_model_speed.jsonl")) if measured else {})
 
 
 def load_time() -> str:
@@ -278,12 +278,51 @@ def headline() -> str:
 def _real_model_headline() -> str:
     """The README's SmolLM2 row: step time without salience and peak training memory, ÷ LoRA in the same rounds."""
     if not (RESULTS / "real_model_speed.jsonl").is_file():
-        return "| training step (salience excluded) / peak memory, SmolLM2-135M, r=16's budget | — | 1.00× / 1.00× | " \
-               "`real_model.py` |"
+        from real_model import SPEED_COMMAND
+
+        return ("| training step (salience excluded) / peak memory, SmolLM2-135M, r=16's budget | not yet measured: "
+                f"run `{SPEED_COMMAND}` | 1.00× / 1.00× | `real_model.py` |")
     speft = _medians(_lines("real_model_speed.jsonl"))["speft"]
     return (f"| training step (salience excluded) / peak memory, SmolLM2-135M, r=16's budget | "
             f"{speft['step_time_s/lora']:.2f}× / {speft['peak_train_rss_bytes/lora']:.2f}× | 1.00× / 1.00× | "
             "`real_model.py` |")
+
+
+MEMORY_MODELS = {"llama3_8b": "Llama-3-8B", "qwen2_7b": "Qwen2-7B", "gemma2_2b": "Gemma-2-2B"}
+MEMORY_SETTINGS = {"bf16, 1 GPU": {}, "8-bit base, 1 GPU": {"load_in_8bit": True},
+                   "ZeRO-3, 4 GPUs (per GPU)": {"zero_stage": 3, "num_gpus": 4}}
+MEMORY_METHODS = {"speft": "speft", "speft+lora": "speft+lora (hybrid)", "lora": "lora / pissa", "full": "full"}
+
+
+def memory_plan() -> str:
+    """docs/memory.md's table: `estimate_memory` of the GSM8K recipe configs (computed, not measured: no results file).
+
+    Sequence length, batch, rank, dtype and checkpointing are read from each model's `*_gsm8k_speft.yaml`, so the
+    table follows the recipes. PiSSA has LoRA's shapes (the estimate builds it as LoRA), hence one row for both.
+    """
+    import yaml
+
+    from hf_speft.memory import estimate_memory
+
+    configs = ROOT / "recipes" / "configs"
+    lines = ["| model | method | trainable | " + " | ".join(MEMORY_SETTINGS) + " |",
+             "|---|---|---:|" + "---:|" * len(MEMORY_SETTINGS)]
+    for model, label in MEMORY_MODELS.items():
+        recipe = yaml.safe_load((configs / f"{model}_gsm8k_speft.yaml").read_text())
+        options = dict(lora_r=recipe["match_lora_rank"], seq_len=recipe["max_length"],
+                       batch_size=recipe["per_device_train_batch_size"], dtype=recipe["dtype"],
+                       gradient_checkpointing=recipe["activation_checkpointing"])
+        for method, method_label in MEMORY_METHODS.items():
+            cells, trainable = [], None
+            for setting in MEMORY_SETTINGS.values():
+                if method == "full" and setting.get("load_in_8bit"):
+                    cells.append("— (8-bit weights cannot train)")
+                    continue
+                estimate = estimate_memory(str(configs / "models" / model), method, **options, **setting)
+                trainable = estimate.trainable_params
+                cells.append(f"{estimate.total_bytes / 2**30:.1f} GiB")
+            lines.append(f"| {label} | {method_label} | {trainable:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -294,6 +333,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
     "cli_startup": cli_startup, "serving": serving, "quantized": quantized,
     "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
+    "memory_plan": memory_plan,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

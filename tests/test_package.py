@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +88,38 @@ def test_import_hf_speft_loads_neither_trainer_nor_trl():
 
 
 def test_benchmark_tables_match_the_results():
-    """The tables in README.md, benchmarks/README.md and docs/kernels.md are what benchmarks/tables.py makes of
-    benchmarks/results/."""
+    """The tables in README.md, benchmarks/README.md and docs/*.md are what benchmarks/tables.py makes of
+    benchmarks/results/ (and, for docs/memory.md's estimates, of the code)."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _benchmark_module(name: str, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # tables.py puts benchmarks/ on the path: undone after the test
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_table_has_its_block_in_the_docs(monkeypatch):
+    """A table tables.py can make but no document shows would leave room for a typed copy; docs/memory.md's counts."""
+    tables = _benchmark_module("tables", monkeypatch)
+    shown = {match.group(2) for path in tables.DOCUMENTS for match in tables.BLOCK.finditer(path.read_text())}
+    assert set(tables.TABLES) <= shown, f"tables without a block: {sorted(set(tables.TABLES) - shown)}"
+    assert "<!-- table:memory_plan -->" in (ROOT / "docs" / "memory.md").read_text()
+
+
+def test_an_unmeasured_speed_table_says_how_to_measure_it(monkeypatch):
+    """Without results the real-model speed table keeps the measured table's columns and names the command to run."""
+    real_model = _benchmark_module("real_model", monkeypatch)
+    row = {"trainable_params": 10, "salience_s": 1.0, **{f"{field}{suffix}": 1.0 for field in real_model.RATIO_FIELDS
+                                                          for suffix in ("", "/lora")}}
+    measured, unmeasured = real_model.speed_table({"lora": row}).splitlines(), real_model.speed_table({}).splitlines()
+    assert unmeasured[:2] == measured[:2] and len(unmeasured) == 3
+    assert unmeasured[2].startswith(f"| not yet measured: run `{real_model.SPEED_COMMAND}` |")
+    assert unmeasured[2].count("|") == measured[2].count("|")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["estimate", "--help"], ["estimate"], ["merge", "a", "b", "c", "--dtype",
