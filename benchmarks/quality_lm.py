@@ -393,33 +393,46 @@ def markdown_tables(result: dict) -> str:
                  f"**{sweep[method, rate]:.3f}**" if result["chosen_learning_rates"][method] == rate else
                  f"{sweep[method, rate]:.3f}" for rate in rates]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if not state["complete"]:  # until every method has its seeds, each run done so far
+        lines += ["", "Every run so far:", "", "| method | lr | seed | val NLL | held-out NLL | OOD NLL | strict / "
+                  "flexible | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {run['method']} | {run['learning_rate']:g} | {run['seed']} | {run['val_nll']:.3f} | "
+                  f"{run['test_nll']:.3f} | {run['ood_nll']:.3f} | {run['strict_match']:.2f} / "
+                  f"{run['flexible_extract']:.2f} | {run['step_seconds'] or 0:.1f} |" for run in result["runs"]]
     return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
-    """Learning vs forgetting: one point per run at a chosen rate (held-out answer NLL against OOD NLL)."""
+    """Learning vs forgetting: held-out answer NLL against OOD NLL, one point per run (filled: seeds at the chosen
+    rate; hollow: the sweep's other rates; triangles: the ablation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    rows = result["summary"] + result["ablation_summary"]
+    figure, axes = plt.subplots(figsize=(7.0, 4.8))
     colors = plt.get_cmap("tab10")
-    for index, row in enumerate(rows):
-        points = [run for run in result["runs"] if run["method"] == row["method"]
-                  and run["learning_rate"] == row["learning_rate"]]
-        axes.scatter([run["ood_nll"] for run in points], [run["test_nll"] for run in points],
-                     color=colors(index % 10), marker="o" if row in result["summary"] else "^",
-                     label=f"{row['method']} (lr {row['learning_rate']:g})")
+    names = [name for name in [*result["grids"], *ABLATIONS] if any(run["method"] == name for run in result["runs"])]
+    rates = {**result["chosen_learning_rates"],
+             **{name: result["chosen_learning_rates"].get("speft-gradient") for name in ABLATIONS}}
+    for index, name in enumerate(names):
+        runs = [run for run in result["runs"] if run["method"] == name]
+        for chosen in (True, False):
+            points = [run for run in runs if (run["learning_rate"] == rates.get(name)) == chosen]
+            if points:
+                axes.scatter([run["ood_nll"] for run in points], [run["test_nll"] for run in points],
+                             marker="^" if name in ABLATIONS else "o", color=colors(index % 10),
+                             facecolors=None if chosen else "none",
+                             label=f"{name} (lr {rates[name]:g})" if chosen else
+                             f"{name} ({'other rates' if rates.get(name) else 'sweep so far'})")
     if result["base"]:
         axes.scatter([result["base"]["ood_nll"]], [result["base"]["test_nll"]], color="black", marker="*", s=120,
                      label="base model")
     axes.set_xlabel("SST-2 sentences NLL, nats/token (forgetting: right is worse)")
     axes.set_ylabel("GSM8K held-out answer NLL (learning: down is better)")
-    axes.set_title(f"SmolLM2-135M on GSM8K at LoRA r={result['settings']['lora_r']}'s budget, one point per seed",
+    axes.set_title(f"SmolLM2-135M on GSM8K at LoRA r={result['settings']['lora_r']}'s budget, one point per run",
                    fontsize=9)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -454,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({run['step_seconds'] or 0:.1f} s/step)", flush=True)
     result = write(args, runs, planned(args, runs)[1])
     print(markdown_tables(result))
-    if args.plot != "none" and result["summary"]:
+    if args.plot != "none" and result["runs"]:
         plot(result, args.plot)
     return result
 
