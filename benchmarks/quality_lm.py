@@ -402,6 +402,17 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline_row(result: dict) -> str:
+    """The README headline's row: SPEFT's and LoRA's held-out answer NLL and OOD Δ (mean ± std over seeds)."""
+    rows = {row["method"]: row for row in result["summary"]}
+    base = result["base"]
+    cells = [f"{rows[name]['test_nll_mean']:.3f} ± {rows[name]['test_nll_std']:.3f} / "
+             f"{rows[name]['ood_nll_mean'] - base['ood_nll']:+.3f}" if name in rows and base else "— (not run yet)"
+             for name in ("speft-gradient", "lora")]
+    return (f"| GSM8K held-out answer NLL / out-of-domain NLL Δ (lower is better), SmolLM2-135M, r=16's budget, "
+            f"seeds | {cells[0]} | {cells[1]} | `quality_lm.py` |")
+
+
 def plot(result: dict, path: str) -> None:
     """Learning vs forgetting: held-out answer NLL against OOD NLL, one point per run (filled: seeds at the chosen
     rate; hollow: the sweep's other rates; triangles: the ablation)."""

@@ -81,6 +81,7 @@ def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp
     assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     table = quality_lm.markdown_tables(result)
     assert "Runs done: 21 of 21." in table and "| shira |" in table and "| base model |" in table
+    assert "not run yet" not in quality_lm.headline_row(result) and quality_lm.headline_row(first).count("not run") == 2
 
     capsys.readouterr()
     again = quality_lm.main(common + ["--in_process"])  # nothing left: no run is redone
