@@ -182,6 +182,15 @@ def real_model_speed() -> str:
     return speed_table(_medians(_lines("real_model_speed.jsonl")) if measured else {})
 
 
+def quality_lm() -> str:
+    """`quality_lm.py`'s tables (SmolLM2 on GSM8K: learning vs forgetting, the rate sweep, the ablation)."""
+    from quality_lm import markdown_tables
+
+    if not (RESULTS / "quality_lm.json").is_file():
+        return "Not run yet: `python benchmarks/quality_lm.py`."
+    return markdown_tables(_json("quality_lm.json"))
+
+
 def load_time() -> str:
     result = _json("load_time.json")
     median = result["median_seconds"]
@@ -333,7 +342,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
     "cli_startup": cli_startup, "serving": serving, "quantized": quantized,
     "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
-    "memory_plan": memory_plan,
+    "memory_plan": memory_plan, "quality_lm": quality_lm,
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -1,0 +1,102 @@
+"""benchmarks/quality_lm.py --quick on a tiny Llama: the plan (sweep on validation, then seeds at the chosen rate,
+then the ablation), resuming, the JSON, the tables and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+HARNESS = Path(__file__).parents[1] / "benchmarks" / "quality_lm.py"
+spec = importlib.util.spec_from_file_location("quality_lm_benchmark", HARNESS)
+quality_lm = sys.modules["quality_lm_benchmark"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality_lm)
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A 2-layer Llama with a byte-level tokenizer (no merges: one token per byte)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<eos>": 1, **{char: 2 + i for i, char in enumerate(sorted(alphabet))}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 eos_token_id=1, pad_token_id=0, bos_token_id=None)).save_pretrained(folder)
+    return folder
+
+
+def write_data(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir()
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many?", "answer": f"{a} + {b} = {a + b}\n#### "
+             f"{a + b}"} for a in range(4) for b in range(4)]
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    (folder / "ood.txt").write_text("the movie was good\nit is slow , very slow\n")
+    return folder, folder / "ood.txt"
+
+
+@pytest.mark.slow
+def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny ops: threads only wait on each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data, ood = write_data(tmp_path / "data")
+    output = tmp_path / "quality_lm.json"
+    common = ["--quick", "--data", str(data), "--ood", str(ood), "--model_dir", str(tiny_checkpoint(tmp_path / "m")),
+              "--output", str(output), "--methods", "speft-gradient", "lora", "shira", "full"]
+    quality_lm.main(common + ["--max_runs", "1"])  # the base model, in a fresh process like every real run
+    first = json.loads(output.read_text())
+    assert [run["method"] for run in first["runs"]] == ["base"] and first["state"]["runs_done"] == 1
+    assert first["state"]["runs_planned"] == 1 + 4 * 3 + 4 * 2 and not first["state"]["complete"]
+
+    result = quality_lm.main(common + ["--in_process"])
+    assert result["state"] == {"runs_done": 21, "runs_planned": 21, "complete": True}
+    runs = result["runs"]
+    for method in ("speft-gradient", "lora", "shira", "full"):
+        sweep = {run["learning_rate"]: run for run in runs if run["method"] == method and run["seed"] == 0}
+        assert sorted(sweep) == quality_lm.GRIDS[method]
+        chosen = min(sweep, key=lambda rate: sweep[rate]["val_nll"])  # validation, never the test problems
+        assert result["chosen_learning_rates"][method] == chosen
+        assert sorted(run["seed"] for run in runs if run["method"] == method and run["learning_rate"] == chosen) \
+            == [0, 1, 2]
+    budgets = {row["method"]: row["trainable_params"] for row in result["summary"]}
+    assert budgets["speft-gradient"] == budgets["lora"] == budgets["shira"] < budgets["full"]
+    for run in runs[1:]:
+        assert len(run["losses"]) == 2 and run["step_seconds"] > 0 and run["peak_train_rss_bytes"] > 0
+        assert (run["salience_seconds"] > 0) == run["method"].startswith("speft")
+        assert 0 <= run["strict_match"] <= 1 and run["test_nll"] > 0 and run["ood_nll"] > 0
+    lora_seeds = {run["seed"]: run["test_nll"] for run in runs if run["method"] == "lora"
+                  and run["learning_rate"] == result["chosen_learning_rates"]["lora"]}
+    assert len(set(lora_seeds.values())) == 3  # seeds differ (data order, initialisation)
+    assert all(run["test_nll"] != runs[0]["test_nll"] for run in runs[1:])  # training changed the model
+    assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    table = quality_lm.markdown_tables(result)
+    assert "Runs done: 21 of 21." in table and "| shira |" in table and "| base model |" in table
+    assert "not run yet" not in quality_lm.headline_row(result) and quality_lm.headline_row(first).count("not run") == 2
+
+    capsys.readouterr()
+    again = quality_lm.main(common + ["--in_process"])  # nothing left: no run is redone
+    assert again["runs"] == runs and "[" not in capsys.readouterr().out.split("Runs done")[0]
+
+    ablated = quality_lm.main(common + ["--in_process", "--ablation", "--max_runs", "2"])
+    rate = result["chosen_learning_rates"]["speft-gradient"]
+    assert [(run["method"], run["learning_rate"]) for run in ablated["runs"][21:]] == [
+        (name, rate) for name in list(quality_lm.ABLATIONS)[:2]]
+    assert ablated["state"]["runs_planned"] == 21 + 3 * len(quality_lm.ABLATIONS)
+    assert ablated["runs"][21]["test_nll"] != ablated["runs"][22]["test_nll"]  # a lever changes the result
+    torch.set_num_threads(threads)
+
+
+def test_bad_paths_fail_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quality_lm.parse_args(["--data", str(tmp_path)])
+    assert "--data" in capsys.readouterr().err
