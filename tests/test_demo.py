@@ -44,7 +44,9 @@ def test_quick_demo_learns_and_checks_the_adapter(workdir, capsys):
     assert len(counts) == 2 and counts[0] == counts[1]  # the same budget
     assert "lr 0.002" in output and "before: " in output and "after (SPEFT): " in output
     mask = output.split("density per layer and module:\n")[1].split("scale:")[0].splitlines()
-    assert mask[0].split() == ["layer", "q", "k", "v", "o", "gate", "up", "down"] and len(mask) == 1 + 30  # 30 layers
+    header = mask[0].split()
+    assert header[0] == "layer" and sorted(header[1:]) == sorted(["q", "k", "v", "o", "gate", "up", "down"])
+    assert len(mask) == 1 + 30  # 30 layers
     assert re.search(r"reloaded on a fresh base = trained .* merged = unmerged", output)
     if importlib.util.find_spec("matplotlib"):  # the [plot] extra
         assert f"wrote {workdir / 'speft_mask.png'}" in output and (workdir / "speft_mask.png").stat().st_size > 0

@@ -80,7 +80,8 @@ def test_the_environment_variable_overrides_the_config(monkeypatch):
     original = dense.forward
     monkeypatch.setattr(dense, "forward", lambda *a: calls.append(1) or original(*a))
     model = get_peft_model(tiny_llama(), SparsePeftConfig(target_modules=["q_proj"], salience="magnitude",
-                                                          kernel="csr"))
+                                                          kernel="csr",
+                                                              fold_weights=False))  # unfolded: the forward's product
     ids = torch.randint(0, 64, (1, 5))
     monkeypatch.setenv(choice.ENV_KERNEL, "dense")
     model(input_ids=ids)
