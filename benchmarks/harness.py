@@ -43,6 +43,49 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
+def measure_training(model, args) -> dict:
+    """Train `model` `args.warmup + args.steps` AdamW steps on one fixed batch of `args.batch x args.seq_len` tokens
+    (median step time over the last `args.steps`), then time `args.steps` no-grad forwards of that batch. Also the
+    bytes saved for backward, the peak RSS growth while training and the optimizer state. Every training benchmark
+    measures a method this way, so their figures compare."""
+    import torch
+
+    from hf_speft.memory import saved_for_backward_bytes
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    saved_bytes = saved_for_backward_bytes(model, batch)
+    rss_before = rss_bytes()
+    times = []
+    with PeakRss() as rss:
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+    optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                          for t in state.values() if torch.is_tensor(t))
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            model(input_ids=ids)
+        inference = (time.perf_counter() - start) / args.steps
+    return {
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_time_s": statistics.median(times),
+        "inference_time_s": inference,
+        "peak_extra_rss_bytes": rss.peak - rss_before,
+        "optimizer_state_bytes": optimizer_bytes,
+        "saved_for_backward_bytes": saved_bytes,
+    }
+
+
 def process_status(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))

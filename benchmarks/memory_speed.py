@@ -12,12 +12,7 @@ product plus sparse corrections, what runs where folding does not apply).
 
 from __future__ import annotations
 
-import statistics
-import time
-
-from harness import PeakRss, median, parser_for, rss_bytes, run
-
-from hf_speft.memory import saved_for_backward_bytes
+from harness import measure_training, median, parser_for, run
 
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_unfolded"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,41 +83,8 @@ def worker(method: str, args) -> dict:
     from hf_speft.ops import kernel_choices
 
     torch.manual_seed(0)
-    model = _build(method, args)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "labels": ids}
-    saved_bytes = saved_for_backward_bytes(model, batch)
-    rss_before = rss_bytes()
-    times = []
-    with PeakRss() as rss:
-        for step in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-    optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                          for t in state.values() if torch.is_tensor(t))
-    model.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            model(input_ids=ids)
-        inference = (time.perf_counter() - start) / args.steps
-    return {
-        "method": method,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "step_time_s": statistics.median(times),
-        "inference_time_s": inference,
-        "peak_extra_rss_bytes": rss.peak - rss_before,
-        "optimizer_state_bytes": optimizer_bytes,
-        "saved_for_backward_bytes": saved_bytes,
-        "kernel_choices": dict(kernel_choices()),  # SPEFT's automatic kernel decisions (shape bucket -> strategy)
-    }
+    return {"method": method, **measure_training(_build(method, args), args),
+            "kernel_choices": dict(kernel_choices())}  # SPEFT's automatic kernel decisions (shape bucket -> strategy)
 
 
 RATIO_FIELDS = ["step_time_s", "inference_time_s", "peak_extra_rss_bytes", "optimizer_state_bytes",

@@ -16,13 +16,10 @@ packs them, as it does in real use); it needs such a CPU. On that layout the pac
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 
-from harness import PeakRss, median, parser_for, rss_bytes, run
-
-from hf_speft.memory import saved_for_backward_bytes
+from harness import measure_training, median, parser_for, run
 
 METHODS = ["lora", "speft_unmerged", "speft_auto"]
 BASES = ["8bit", "4bit", "4bit_packed"]
@@ -79,44 +76,15 @@ def worker(method: str, args) -> dict:
 
     torch.manual_seed(0)
     model = _build(method, args)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "labels": ids}
-    saved_bytes = saved_for_backward_bytes(model, batch)
-    rss_before = rss_bytes()
-    times = []
-    with PeakRss() as rss:
-        for step in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-    model.eval()
+    measured = measure_training(model, args)
+    ids = torch.randint(0, 8192, (1, 1), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         start = time.perf_counter()
-        for _ in range(args.steps):
-            model(input_ids=ids)
-        inference = (time.perf_counter() - start) / args.steps
-        start = time.perf_counter()
         for _ in range(20):  # one token of one sequence: a decoding step's shapes (no cache: the projections count)
-            model(input_ids=ids[:1, :1])
+            model(input_ids=ids)
         decode = (time.perf_counter() - start) / 20
-    return {
-        "method": method,
-        "base": args.base,
-        "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-        "trainable_params": sum(p.numel() for p in trainable),
-        "step_time_s": statistics.median(times),
-        "inference_time_s": inference,
-        "decode_time_s": decode,
-        "peak_extra_rss_bytes": rss.peak - rss_before,
-        "saved_for_backward_bytes": saved_bytes,
-    }
+    return {"method": method, "base": args.base, "dtype": args.dtype, "threads": torch.get_num_threads(), **measured,
+            "decode_time_s": decode}
 
 
 RATIO_FIELDS = ["step_time_s", "inference_time_s", "decode_time_s", "peak_extra_rss_bytes", "saved_for_backward_bytes"]
