@@ -4,10 +4,13 @@ Each method trains a tiny Llama (hidden 1024, 4 layers, vocab 8192, batch 4x256,
 fresh subprocess; rounds are interleaved and every figure is also given as a ratio to LoRA from the same run. `speft`
 is SPEFT's default path (`fold_weights="auto"`: the scoped fold; the automatic kernel choice for the values' gradient,
 recorded per round; `HF_SPEFT_KERNEL` forces one), `speft_unfolded` the same with `fold_weights=False` (the base
-product plus sparse corrections, what runs where folding does not apply).
+product plus sparse corrections, what runs where folding does not apply). `--dtype bfloat16` builds the base in bf16,
+as 8B models are trained; the adapters keep peft's float32 trainable weights either way.
 
     python benchmarks/memory_speed.py                  # 3 rounds, JSON lines to benchmarks/results/memory_speed.jsonl
     python benchmarks/memory_speed.py --rounds 1 --steps 3 --methods lora speft   # quick look
+    python benchmarks/memory_speed.py --dtype bfloat16 --methods lora speft speft_unfolded \
+        --output benchmarks/results/memory_speed_bf16.jsonl
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _build(method: str, args):
     config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                          num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
                          max_position_embeddings=args.seq_len)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     targeted = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     lora_count = sum(RANK * (m.in_features + m.out_features) for m in targeted)
     targeted_numel = sum(m.weight.numel() for m in targeted)
@@ -99,7 +102,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
-    passthrough = ["steps", "warmup", "hidden", "layers", "batch", "seq_len"]
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base model's dtype")
+    passthrough = ["steps", "warmup", "hidden", "layers", "batch", "seq_len", "dtype"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
     print("| method | trainable | step s | ÷LoRA | inference ÷LoRA | peak extra RSS ÷LoRA | optimizer ÷LoRA | "
           "saved-for-backward ÷LoRA |")

@@ -11,14 +11,17 @@ Protocol. Every run trains `--steps` AdamW steps of `--batch_size` problems (los
 then cosine decay, gradient clipping at 1) from a fixed pool of training problems, shuffled by the run's seed; SPEFT
 scores salience on the first `--salience_batches` batches of that order. Per method, the learning rate is the one of
 its grid (`GRIDS`) with the lowest answer NLL on a validation split drawn from the *training* set (seed 0, disjoint
-from the pool); the test problems never choose anything. Then seeds 1 and 2 run at that rate (seed 0 is the sweep's
-run). Every run is scored on the same fixed problems: the held-out answer NLL (teacher-forced, nats per answer token,
-the first `--test_problems` test problems: the learning), the NLL of SST-2 sentences the model was never tuned on
-(`--ood`, nats per token: the forgetting), greedy exact-match accuracy on the first `--accuracy_problems` test problems
-(strict-match and flexible-extract, as `recipes/gsm8k.py` scores them), with its loss curve, median seconds per step,
-salience seconds and the peak resident set of training. `--ablation` adds SPEFT variants (`ABLATIONS`) at SPEFT's
-swept rate, each changing one lever. Each run is a fresh process (`--in_process` for tests); the JSON is rewritten
-after every run and a run it already holds is never redone, so an interrupted run resumes where it stopped.
+from the pool); the test problems never choose anything. A sweep run is scored on the validation split only and keeps
+its trained weights in `--cache_dir`; once the grid is done, the chosen rate's seed-0 run is scored in full from those
+weights (retrained when they are gone) and seeds 1 and 2 run at that rate. Full scoring costs more than training, so
+the sweep's other rates skip it. A fully scored run is scored on the same fixed problems as every other: the held-out
+answer NLL (teacher-forced, nats per answer token, the first `--test_problems` test problems: the learning), the NLL
+of SST-2 sentences the model was never tuned on (`--ood`, nats per token: the forgetting), greedy exact-match accuracy
+on the first `--accuracy_problems` test problems (strict-match and flexible-extract, as `recipes/gsm8k.py` scores
+them), with its loss curve, median seconds per step, salience seconds and the peak resident set of training.
+`--ablation` adds SPEFT variants (`ABLATIONS`) at SPEFT's swept rate, each changing one lever, each scored in full.
+Each run is a fresh process (`--in_process` for tests); the JSON is rewritten after every run and a run it already
+holds is never redone, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -83,11 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ood_sentences", type=int, default=300)
     parser.add_argument("--max_new_tokens", type=int, default=192)
     parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--autocast", default="none", choices=["none", "bfloat16"],
+                        help="train and score under CPU autocast (bf16 compute, float32 weights: mixed precision as "
+                             "GPU users train); salience is scored in float32 either way")
     parser.add_argument("--ablation", action="store_true", help="also run the SPEFT levers of ABLATIONS")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     parser.add_argument("--max_runs", type=int, help="stop after this many new runs (the rest resume later)")
     parser.add_argument("--in_process", action="store_true", help="run every run in this process (tests)")
     parser.add_argument("--output", default=str(RESULTS / "quality_lm.json"))
+    parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "hf-speft-quality-lm-runs"),
+                        help="the sweep runs' trained weights, until their rate is chosen and scored in full")
     parser.add_argument("--plot", help="learning-vs-forgetting PNG (default: next to --output; 'none' skips it)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,7 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 SETTINGS = ("data", "ood", "lora_r", "steps", "batch_size", "max_length", "salience_batches", "val_problems",
-            "test_problems", "accuracy_problems", "ood_sentences", "max_new_tokens", "quick")
+            "test_problems", "accuracy_problems", "ood_sentences", "max_new_tokens", "autocast", "quick")
+
+
+def compute_precision(args: argparse.Namespace):
+    """The context training and scoring run in: bf16 autocast when `--autocast bfloat16`, else plain float32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -171,16 +186,25 @@ def mean_nll(model, tokenizer, pairs: list[tuple[str, str]], args: argparse.Name
         for start in range(0, len(pairs), args.eval_batch_size):
             batch = encode(tokenizer, pairs[start:start + args.eval_batch_size], args.max_length)
             tokens = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * tokens
+            with compute_precision(args):
+                total += model(**batch).loss.item() * tokens
             count += tokens
     return total / count
 
 
-def evaluate(model, tokenizer, data: dict, args: argparse.Namespace) -> dict:
-    gsm8k = gsm8k_recipe()
+UNSCORED = dict.fromkeys(("test_nll", "ood_nll", "strict_match", "flexible_extract", "sample_output"))
+
+
+def evaluate(model, tokenizer, data: dict, args: argparse.Namespace, full: bool) -> dict:
+    """The validation NLL and, when `full`, every test metric (else those are None: `UNSCORED`)."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    outputs = gsm8k.generate_answers(model, tokenizer, data["accuracy"], args.max_new_tokens,
-                                     batch_size=50, show_progress=False)  # decoding is bound by weight reads
+    if not full:
+        return {"val_nll": mean_nll(model, tokenizer, problem_pairs(data["val"]), args), **UNSCORED,
+                "eval_seconds": time.perf_counter() - start, "eval_cpu_seconds": time.process_time() - cpu_start}
+    gsm8k = gsm8k_recipe()
+    with compute_precision(args):
+        outputs = gsm8k.generate_answers(model, tokenizer, data["accuracy"], args.max_new_tokens,
+                                         batch_size=50, show_progress=False)  # decoding is bound by weight reads
     scores = gsm8k.score(outputs, [row["answer"] for row in data["accuracy"]])
     return {"val_nll": mean_nll(model, tokenizer, problem_pairs(data["val"]), args),
             "test_nll": mean_nll(model, tokenizer, problem_pairs(data["test"]), args),
@@ -216,8 +240,14 @@ def build_model(spec: dict, seed: int, model_dir: str, lora_r: int, salience_bat
     return get_peft_model(model, config)
 
 
-def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace) -> dict:
-    """Train (unless `name` is "base") and evaluate one run; a dict for the JSON."""
+def cached_weights(name: str, learning_rate: float, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) / f"{name}-lr{learning_rate:g}-seed{seed}"
+
+
+def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace, full: bool = True) -> dict:
+    """Train (unless `name` is "base") and evaluate one run; a dict for the JSON. A sweep run (`full` False) saves its
+    trained weights for `cached_weights`; a full run of the same (name, rate, seed) starts from them when they exist
+    and then returns only the scores."""
     import torch
     from harness import PeakGrowth, process_status
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -230,6 +260,18 @@ def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace
     data = load_data(args)
     spec = {**METHODS, **ABLATIONS}.get(name, {"method": "base"})
     salience_batches = spec.get("salience_batches", args.salience_batches) * spec.get("salience_batches_factor", 1)
+    cache = cached_weights(name, learning_rate, seed, args)
+    if full and name != "base" and (cache / "done").is_file():
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if spec["method"] == "full":
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        else:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                              cache)
+        return {**evaluate(model, tokenizer, data, args, full=True), "scored_from": "the sweep run's weights",
+                "load_average": [load_before, os.getloadavg()[0]]}
     model = build_model(spec if name != "base" else {"method": "full"}, seed, model_dir, args.lora_r,
                         salience_batches, args.steps)
     result = {"method": name, "learning_rate": learning_rate, "seed": seed, "losses": [], "step_seconds": None,
@@ -256,7 +298,8 @@ def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace
         with PeakGrowth():
             for step, batch in enumerate(batches[:args.steps], start=1):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                loss = model(**batch).loss
+                with compute_precision(args):
+                    loss = model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
@@ -271,7 +314,10 @@ def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace
         # CPU seconds (all threads) tell a step's cost apart from waiting for a busy machine's cores
         result.update(step_seconds=statistics.median(times), step_cpu_seconds=statistics.median(cpu_times),
                       trainable_params=sum(p.numel() for p in trainable))
-    result.update(evaluate(model, tokenizer, data, args))
+    result.update(evaluate(model, tokenizer, data, args, full))
+    if not full:
+        model.save_pretrained(cache)
+        (cache / "done").touch()  # a complete save: an interrupted one is retrained
     result["load_average"] = [load_before, os.getloadavg()[0]]  # contention from other processes, start and end
     return result
 
@@ -283,10 +329,10 @@ def prepare_model(model_dir: str) -> str:
     return model_dir if (Path(model_dir) / "config.json").is_file() else str(smollm2_checkpoint(model_dir))
 
 
-def launch(name: str, rate: float, seed: int, args: argparse.Namespace) -> dict:
+def launch(name: str, rate: float, seed: int, full: bool, args: argparse.Namespace) -> dict:
     if args.in_process:
-        return run_one(name, rate, seed, args)
-    spec = json.dumps({"name": name, "rate": rate, "seed": seed, "args": vars(args)})
+        return run_one(name, rate, seed, args, full)
+    spec = json.dumps({"name": name, "rate": rate, "seed": seed, "full": full, "args": vars(args)})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
     if done.returncode:
@@ -304,21 +350,22 @@ def chosen_rate(runs: list[dict], method: str) -> float | None:
     return min(GRIDS[method], key=lambda rate: sweep[rate] if math.isfinite(sweep[rate]) else math.inf)
 
 
-def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str, float, int]], int]:
-    """(runs that can start now, in order; the number the whole plan holds). Seeds wait for their method's sweep."""
+def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str, float, int, bool]], int]:
+    """(jobs that can start now, in order, as (name, rate, seed, full); the number of runs the whole plan holds).
+    A method's full runs wait for its sweep; a full job on a sweep run scores that run."""
     # the sweep's middle rates first, every method, then the edges: a partial run already compares the methods
-    plan = [("base", 0.0, 0)] + [(method, GRIDS[method][index], SWEEP_SEED) for index in (1, 0, 2)
-                                 for method in args.methods]
+    plan = [("base", 0.0, 0, True)] + [(method, GRIDS[method][index], SWEEP_SEED, False) for index in (1, 0, 2)
+                                       for method in args.methods]
     total = len(plan) + (len(SEEDS) - 1) * len(args.methods)
     for method in args.methods:
         rate = chosen_rate(runs, method)
-        plan += [(method, rate, seed) for seed in SEEDS if seed != SWEEP_SEED] if rate is not None else []
+        plan += [(method, rate, seed, True) for seed in SEEDS] if rate is not None else []
     if args.ablation:
         total += len(ABLATIONS) * len(SEEDS)
         rate = chosen_rate(runs, "speft-gradient") if "speft-gradient" in args.methods else None
-        plan += [(name, rate, seed) for seed in SEEDS for name in ABLATIONS] if rate is not None else []
-    done = {(run["method"], run["learning_rate"], run["seed"]) for run in runs}
-    return [run for run in plan if run not in done], total
+        plan += [(name, rate, seed, True) for seed in SEEDS for name in ABLATIONS] if rate is not None else []
+    done = {(run["method"], run["learning_rate"], run["seed"]): run["test_nll"] is not None for run in runs}
+    return [job for job in plan if job[:3] not in done or (job[3] and not done[job[:3]])], total
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -329,7 +376,8 @@ def summarize(runs: list[dict], names: list[str], rate_of: dict[str, float | Non
     """Per method, over the seeds at its chosen rate: mean and std of every metric, mean s/step, max peak memory."""
     rows = []
     for name in names:
-        members = [run for run in runs if run["method"] == name and run["learning_rate"] == rate_of.get(name)]
+        members = [run for run in runs if run["method"] == name and run["learning_rate"] == rate_of.get(name)
+                   and run["test_nll"] is not None]
         if not members:
             continue
         row = {"method": name, "learning_rate": rate_of[name], "seeds": sorted(run["seed"] for run in members),
@@ -363,7 +411,7 @@ def report(args: argparse.Namespace, runs: list[dict], total: int) -> dict:
             "machine": machine(), "settings": {key: getattr(args, key) for key in SETTINGS},
             "targets": TARGETS, "grids": {name: GRIDS[name] for name in args.methods},
             "chosen_learning_rates": rates, "state": {"runs_done": len(runs), "runs_planned": total,
-                                                     "complete": len(runs) >= total},
+                                                     "complete": not planned(args, runs)[0] and len(runs) >= total},
             "base": base, "summary": summarize(runs, args.methods, rates_all),
             "ablation_summary": summarize(runs, list(ABLATIONS), rates_all), "runs": runs}
 
@@ -401,8 +449,9 @@ def markdown_tables(result: dict) -> str:
         lines += ["", "Every run so far:", "", "| method | lr | seed | val NLL | held-out NLL | OOD NLL | strict / "
                   "flexible | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {run['method']} | {run['learning_rate']:g} | {run['seed']} | {run['val_nll']:.3f} | "
-                  f"{run['test_nll']:.3f} | {run['ood_nll']:.3f} | {run['strict_match']:.2f} / "
-                  f"{run['flexible_extract']:.2f} | {run['step_seconds'] or 0:.1f} |" for run in result["runs"]]
+                  + (f"{run['test_nll']:.3f} | {run['ood_nll']:.3f} | {run['strict_match']:.2f} / "
+                     f"{run['flexible_extract']:.2f}" if run["test_nll"] is not None else "sweep | — | —")
+                  + f" | {run['step_seconds'] or 0:.1f} |" for run in result["runs"]]
     return "\n".join(lines)
 
 
@@ -418,8 +467,8 @@ def headline_row(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Learning vs forgetting: held-out answer NLL against OOD NLL, one point per run (filled: seeds at the chosen
-    rate; hollow: the sweep's other rates; triangles: the ablation)."""
+    """Learning vs forgetting: held-out answer NLL against OOD NLL, one point per fully scored run (filled: seeds at
+    the chosen rate; hollow: another rate; triangles: the ablation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,11 +476,12 @@ def plot(result: dict, path: str) -> None:
 
     figure, axes = plt.subplots(figsize=(7.0, 4.8))
     colors = plt.get_cmap("tab10")
-    names = [name for name in [*result["grids"], *ABLATIONS] if any(run["method"] == name for run in result["runs"])]
+    names = [name for name in [*result["grids"], *ABLATIONS]
+             if any(run["method"] == name and run["test_nll"] is not None for run in result["runs"])]
     rates = {**result["chosen_learning_rates"],
              **{name: result["chosen_learning_rates"].get("speft-gradient") for name in ABLATIONS}}
     for index, name in enumerate(names):
-        runs = [run for run in result["runs"] if run["method"] == name]
+        runs = [run for run in result["runs"] if run["method"] == name and run["test_nll"] is not None]
         for chosen in (True, False):
             points = [run for run in runs if (run["learning_rate"] == rates.get(name)) == chosen]
             if points:
@@ -464,21 +514,35 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(run_one(spec["name"], spec["rate"], spec["seed"], argparse.Namespace(**spec["args"]))))
+        print(json.dumps(run_one(spec["name"], spec["rate"], spec["seed"], argparse.Namespace(**spec["args"]),
+                                 spec["full"])))
         return {}
-    runs = json.loads(Path(args.output).read_text())["runs"] if Path(args.output).is_file() else []
+    previous = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {"runs": []}
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    if previous["runs"] and previous["settings"] != settings:
+        changed = sorted(key for key in settings if previous["settings"].get(key) != settings[key])
+        raise SystemExit(f"--output {args.output} holds runs made with other settings ({', '.join(changed)}); "
+                         "resume with those settings or choose another --output.")
+    runs = previous["runs"]
     started = 0
     while True:
         pending, total = planned(args, runs)
         if not pending or (args.max_runs is not None and started >= args.max_runs):
             break
-        name, rate, seed = pending[0]
-        run = launch(name, rate, seed, args)
-        runs.append(run)
+        name, rate, seed, full = pending[0]
+        new = launch(name, rate, seed, full, args)
+        index = next((i for i, run in enumerate(runs) if (run["method"], run["learning_rate"], run["seed"])
+                      == (name, rate, seed)), None)
+        if index is None:
+            runs.append(new)
+        else:  # a sweep run scored in full: its training record stays unless it had to be retrained
+            runs[index] = {**runs[index], **new}
+        run = new if index is None else runs[index]
         started += 1
         write(args, runs, total)
-        print(f"[{len(runs)}/{total}] {name} lr {rate:g} seed {seed}: val {run['val_nll']:.3f} test "
-              f"{run['test_nll']:.3f} ood {run['ood_nll']:.3f} strict {run['strict_match']:.2f} "
+        scores = (f"test {run['test_nll']:.3f} ood {run['ood_nll']:.3f} strict {run['strict_match']:.2f}"
+                  if run["test_nll"] is not None else "(sweep: validation only)")
+        print(f"[{len(runs)}/{total}] {name} lr {rate:g} seed {seed}: val {run['val_nll']:.3f} {scores} "
               f"({run['step_seconds'] or 0:.1f} s/step)", flush=True)
     result = write(args, runs, planned(args, runs)[1])
     print(markdown_tables(result))

@@ -169,12 +169,6 @@ def salience_share() -> str:
                       f"{100 * run['salience_seconds'] / run['train_time_s']:.2f}% | {100 * run['accuracy']:.1f}% |"])
 
 
-def real_model() -> str:
-    from real_model import table
-
-    return table(_json("real_model.json")["results"])
-
-
 def real_model_speed() -> str:
     from real_model import speed_table
 
@@ -339,7 +333,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"), "trainer_run": trainer_run,
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
-    "real_model": real_model, "real_model_speed": real_model_speed, "load_time": load_time,
+    "real_model_speed": real_model_speed, "load_time": load_time,
     "cli_startup": cli_startup, "serving": serving, "quantized": quantized,
     "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
     "memory_plan": memory_plan, "quality_lm": quality_lm,

@@ -1,5 +1,6 @@
-"""benchmarks/quality_lm.py --quick on a tiny Llama: the plan (sweep on validation, then seeds at the chosen rate,
-then the ablation), resuming, the JSON, the tables and the plot."""
+"""benchmarks/quality_lm.py --quick on a tiny Llama: the plan (sweep on validation, then the chosen rate's sweep run
+scored in full from its saved weights and two more seeds, then the ablation), resuming, the JSON, the tables and the
+plot."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp
     data, ood = write_data(tmp_path / "data")
     output = tmp_path / "quality_lm.json"
     common = ["--quick", "--data", str(data), "--ood", str(ood), "--model_dir", str(tiny_checkpoint(tmp_path / "m")),
-              "--output", str(output), "--methods", "speft-gradient", "lora", "shira", "full"]
+              "--output", str(output), "--cache_dir", str(tmp_path / "cache"),
+              "--methods", "speft-gradient", "lora", "shira", "full"]
     quality_lm.main(common + ["--max_runs", "1"])  # the base model, in a fresh process like every real run
     first = json.loads(output.read_text())
     assert [run["method"] for run in first["runs"]] == ["base"] and first["state"]["runs_done"] == 1
@@ -68,16 +70,22 @@ def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp
         assert result["chosen_learning_rates"][method] == chosen
         assert sorted(run["seed"] for run in runs if run["method"] == method and run["learning_rate"] == chosen) \
             == [0, 1, 2]
+        assert sweep[chosen]["scored_from"] == "the sweep run's weights" and sweep[chosen]["test_nll"] > 0
+        assert all(sweep[rate]["test_nll"] is None for rate in sweep if rate != chosen)  # validation only
     budgets = {row["method"]: row["trainable_params"] for row in result["summary"]}
     assert budgets["speft-gradient"] == budgets["lora"] == budgets["shira"] < budgets["full"]
     for run in runs[1:]:
         assert len(run["losses"]) == 2 and run["step_seconds"] > 0 and run["peak_train_rss_bytes"] > 0
         assert (run["salience_seconds"] > 0) == run["method"].startswith("speft")
-        assert 0 <= run["strict_match"] <= 1 and run["test_nll"] > 0 and run["ood_nll"] > 0
+        assert run["val_nll"] > 0
+        if run["test_nll"] is not None:
+            assert 0 <= run["strict_match"] <= 1 and run["test_nll"] > 0 and run["ood_nll"] > 0
     lora_seeds = {run["seed"]: run["test_nll"] for run in runs if run["method"] == "lora"
                   and run["learning_rate"] == result["chosen_learning_rates"]["lora"]}
     assert len(set(lora_seeds.values())) == 3  # seeds differ (data order, initialisation)
-    assert all(run["test_nll"] != runs[0]["test_nll"] for run in runs[1:])  # training changed the model
+    assert all(run["val_nll"] != runs[0]["val_nll"] for run in runs[1:])  # training changed the model
+    scored = [run for run in runs[1:] if run["test_nll"] is not None]
+    assert len(scored) == 4 * 3 and all(run["test_nll"] != runs[0]["test_nll"] for run in scored)
     assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     table = quality_lm.markdown_tables(result)
     assert "Runs done: 21 of 21." in table and "| shira |" in table and "| base model |" in table
@@ -100,3 +108,19 @@ def test_bad_paths_fail_before_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality_lm.parse_args(["--data", str(tmp_path)])
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_autocast_runs_and_a_results_file_resumes_only_with_its_own_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data, ood = write_data(tmp_path / "data")
+    output = tmp_path / "quality_lm.json"
+    common = ["--quick", "--data", str(data), "--ood", str(ood), "--model_dir", str(tiny_checkpoint(tmp_path / "m")),
+              "--output", str(output), "--cache_dir", str(tmp_path / "cache"), "--methods", "lora", "--in_process"]
+    result = quality_lm.main(common + ["--autocast", "bfloat16", "--max_runs", "2"])  # bf16 compute on any CPU
+    assert result["settings"]["autocast"] == "bfloat16" and len(result["runs"]) == 2
+    assert result["runs"][1]["val_nll"] > 0 and result["runs"][1]["val_nll"] != result["runs"][0]["val_nll"]
+    saved = output.read_text()
+    with pytest.raises(SystemExit, match="other settings \\(autocast\\)"):
+        quality_lm.main(common + ["--max_runs", "1"])  # float32 runs would mix with the bf16 ones
+    assert output.read_text() == saved
