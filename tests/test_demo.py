@@ -42,7 +42,7 @@ def test_quick_demo_learns_and_checks_the_adapter(workdir, capsys):
     assert speft_after < speft_before and lora_before == speft_before  # one base NLL, the same held-out problems
     counts = re.findall(r"^(?:SPEFT|LoRA) +([\d,]+) ", output, re.MULTILINE)
     assert len(counts) == 2 and counts[0] == counts[1]  # the same budget
-    assert "lr 0.002" in output and "before: " in output and "after (SPEFT): " in output
+    assert "lr 0.002 for SPEFT, 0.003 for LoRA" in output and "before: " in output and "after (SPEFT): " in output
     mask = output.split("density per layer and module:\n")[1].split("scale:")[0].splitlines()
     header = mask[0].split()
     assert header[0] == "layer" and sorted(header[1:]) == sorted(["q", "k", "v", "o", "gate", "up", "down"])
@@ -51,6 +51,15 @@ def test_quick_demo_learns_and_checks_the_adapter(workdir, capsys):
     if importlib.util.find_spec("matplotlib"):  # the [plot] extra
         assert f"wrote {workdir / 'speft_mask.png'}" in output and (workdir / "speft_mask.png").stat().st_size > 0
     assert re.search(r"^took \d+ s$", output, re.MULTILINE) and output.rstrip().endswith("RESULT: OK")
+
+
+def test_prepare_model_converts_once_and_trains_nothing(workdir, capsys):
+    """`make install` prepares the demo's weights this way, so that `make demo` times training, not conversion."""
+    folder = workdir / "smollm2"  # converted by the first test of this module (or now)
+    assert demo.main(["--prepare_model", "--model_dir", str(folder)]) == 0
+    output = capsys.readouterr().out
+    assert output.strip().endswith(f"SmolLM2-135M-Instruct is ready in {folder}") and "held-out" not in output
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
 
 def test_exit_code_is_1_when_the_held_out_nll_does_not_fall(workdir, capsys):
@@ -64,7 +73,9 @@ def test_exit_code_is_1_when_the_held_out_nll_does_not_fall(workdir, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--steps", "0"], "--steps must be a positive count, got 0"),
     (["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
+    (["--lora_learning_rate", "-0.5"], "--lora_learning_rate must be >= 0, got -0.5"),
     (["--dataset_path", "no/such/folder"], "--dataset_path no/such/folder is not a folder"),
+    (["--prepare_model"], "--prepare_model needs --model_dir"),
 ])
 def test_bad_arguments_exit_2_before_work(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
