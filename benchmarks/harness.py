@@ -148,6 +148,18 @@ def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthro
     return args, rounds
 
 
+def print_ratio_table(args: argparse.Namespace, rounds: list[dict[str, dict]], first_header: str,
+                      ratio_columns: list[tuple[str, str]]) -> None:
+    """A Markdown table of the medians over rounds: per method, trainable count, step seconds, then each
+    (header, field) of `ratio_columns` as the median of its per-round ratio to LoRA (`field/lora`)."""
+    print(f"| {first_header} | trainable | step s | " + " | ".join(header for header, _ in ratio_columns) + " |")
+    print("|---|---:|---:|" + "---:|" * len(ratio_columns))
+    for method in args.methods:
+        ratios = " | ".join(f"{median(rounds, method, f'{field}/lora'):.2f}" for _, field in ratio_columns)
+        print(f"| {method} | {rounds[0][method]['trainable_params']:,} | "
+              f"{median(rounds, method, 'step_time_s'):.3f} | {ratios} |")
+
+
 def median(rounds: list[dict[str, dict]], method: str, key: str) -> float:
     """Median of one field of one method over the rounds (None values skipped)."""
     values = [results[method][key] for results in rounds if results[method][key] is not None]

@@ -15,7 +15,7 @@ as 8B models are trained; the adapters keep peft's float32 trainable weights eit
 
 from __future__ import annotations
 
-from harness import measure_training, median, parser_for, run
+from harness import measure_training, parser_for, print_ratio_table, run
 
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_unfolded"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,17 +105,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base model's dtype")
     passthrough = ["steps", "warmup", "hidden", "layers", "batch", "seq_len", "dtype"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
-    print("| method | trainable | step s | ÷LoRA | inference ÷LoRA | peak extra RSS ÷LoRA | optimizer ÷LoRA | "
-          "saved-for-backward ÷LoRA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for method in args.methods:
-        def med(key):
-            return median(rounds, method, key)
-
-        print(f"| {method} | {rounds[0][method]['trainable_params']:,} | {med('step_time_s'):.3f} | "
-              f"{med('step_time_s/lora'):.2f} | {med('inference_time_s/lora'):.2f} | "
-              f"{med('peak_extra_rss_bytes/lora'):.2f} | {med('optimizer_state_bytes/lora'):.2f} | "
-              f"{med('saved_for_backward_bytes/lora'):.2f} |")
+    print_ratio_table(args, rounds, "method", [
+        ("÷LoRA", "step_time_s"), ("inference ÷LoRA", "inference_time_s"),
+        ("peak extra RSS ÷LoRA", "peak_extra_rss_bytes"), ("optimizer ÷LoRA", "optimizer_state_bytes"),
+        ("saved-for-backward ÷LoRA", "saved_for_backward_bytes")])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from harness import measure_training, median, parser_for, run
+from harness import measure_training, parser_for, print_ratio_table, run
 
 METHODS = ["lora", "speft_unmerged", "speft_auto"]
 BASES = ["8bit", "4bit", "4bit_packed"]
@@ -105,16 +105,10 @@ def main() -> None:
     parser.set_defaults(output=parser.get_default("output").replace("quantized.jsonl", f"quantized_{known.base}.jsonl"))
     passthrough = ["base", "dtype", "steps", "warmup", "hidden", "layers", "batch", "seq_len"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
-    print(f"| method ({args.base}, {args.dtype}) | trainable | step s | ÷LoRA | no-grad forward ÷LoRA | "
-          "1-token forward ÷LoRA | peak extra RSS ÷LoRA | saved-for-backward ÷LoRA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for method in args.methods:
-        def med(key):
-            return median(rounds, method, key)
-
-        print(f"| {method} | {rounds[0][method]['trainable_params']:,} | {med('step_time_s'):.3f} | "
-              f"{med('step_time_s/lora'):.2f} | {med('inference_time_s/lora'):.2f} | {med('decode_time_s/lora'):.2f} | "
-              f"{med('peak_extra_rss_bytes/lora'):.2f} | {med('saved_for_backward_bytes/lora'):.2f} |")
+    print_ratio_table(args, rounds, f"method ({args.base}, {args.dtype})", [
+        ("÷LoRA", "step_time_s"), ("no-grad forward ÷LoRA", "inference_time_s"),
+        ("1-token forward ÷LoRA", "decode_time_s"), ("peak extra RSS ÷LoRA", "peak_extra_rss_bytes"),
+        ("saved-for-backward ÷LoRA", "saved_for_backward_bytes")])
 
 
 if __name__ == "__main__":
