@@ -16,6 +16,7 @@ from trl import SFTConfig
 
 import hf_speft
 from hf_speft import sparse_layers
+from hf_speft.training.callback import SPEFT_LEARNING_RATE
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # trl refuses adapters on lm_head
 
@@ -120,7 +121,7 @@ def test_the_quick_start_trains_as_written_on_a_cpu(path, tmp_path, monkeypatch)
         "prompt_completion_data": counting_prompts(16), "base": base_model(), "train": counting_dataset(),
         "collator": default_data_collator})
     trainer = namespace["trainer"]
-    assert trainer.state.global_step > 0 and trainer.args.learning_rate == 2e-3
+    assert trainer.state.global_step > 0 and trainer.args.learning_rate == SPEFT_LEARNING_RATE
     assert isinstance(trainer.model, PeftModel)
     if (tmp_path / "out" / "adapter").exists():
         PeftModel.from_pretrained(base_model(), tmp_path / "out" / "adapter")
