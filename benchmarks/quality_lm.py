@@ -19,7 +19,8 @@ answer NLL (teacher-forced, nats per answer token, the first `--test_problems` t
 of SST-2 sentences the model was never tuned on (`--ood`, nats per token: the forgetting), greedy exact-match accuracy
 on the first `--accuracy_problems` test problems (strict-match and flexible-extract, as `recipes/gsm8k.py` scores
 them), with its loss curve, median seconds per step, salience seconds and the peak resident set of training.
-`--ablation` adds SPEFT variants (`ABLATIONS`) at SPEFT's swept rate, each changing one lever, each scored in full.
+`--ablation` adds SPEFT variants (`ABLATIONS`) at SPEFT's swept rate, each changing one lever, each scored in full:
+seed 0 of every lever first, then seeds 1 and 2 of the levers whose validation NLL beat SPEFT's own seed-0 run.
 Each run is a fresh process (`--in_process` for tests); the JSON is rewritten after every run and a run it already
 holds is never redone, so an interrupted run resumes where it stopped.
 """
@@ -350,6 +351,16 @@ def chosen_rate(runs: list[dict], method: str) -> float | None:
     return min(GRIDS[method], key=lambda rate: sweep[rate] if math.isfinite(sweep[rate]) else math.inf)
 
 
+def promoted_ablations(runs: list[dict], rate: float | None) -> list[str]:
+    """The levers worth more seeds: those whose seed-0 run beats SPEFT (gradient) at its chosen rate on the
+    validation split (the test problems choose nothing here either)."""
+    validation = {run["method"]: run["val_nll"] for run in runs if run["seed"] == SWEEP_SEED
+                  and run["learning_rate"] == rate and run["method"] in {"speft-gradient", *ABLATIONS}}
+    if "speft-gradient" not in validation:
+        return []
+    return [name for name in ABLATIONS if validation.get(name, math.inf) < validation["speft-gradient"]]
+
+
 def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str, float, int, bool]], int]:
     """(jobs that can start now, in order, as (name, rate, seed, full); the number of runs the whole plan holds).
     A method's full runs wait for its sweep; a full job on a sweep run scores that run."""
@@ -361,9 +372,12 @@ def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str,
         rate = chosen_rate(runs, method)
         plan += [(method, rate, seed, True) for seed in SEEDS] if rate is not None else []
     if args.ablation:
-        total += len(ABLATIONS) * len(SEEDS)
         rate = chosen_rate(runs, "speft-gradient") if "speft-gradient" in args.methods else None
-        plan += [(name, rate, seed, True) for seed in SEEDS for name in ABLATIONS] if rate is not None else []
+        promoted = promoted_ablations(runs, rate)
+        total += len(ABLATIONS) + (len(SEEDS) - 1) * len(promoted)
+        if rate is not None:
+            plan += [(name, rate, SWEEP_SEED, True) for name in ABLATIONS]
+            plan += [(name, rate, seed, True) for seed in SEEDS[1:] for name in promoted]
     done = {(run["method"], run["learning_rate"], run["seed"]): run["test_nll"] is not None for run in runs}
     return [job for job in plan if job[:3] not in done or (job[3] and not done[job[:3]])], total
 
@@ -435,6 +449,9 @@ def markdown_tables(result: dict) -> str:
                 f"{row['test_nll_mean']:.3f} ± {row['test_nll_std']:.3f} | {ood} | {row['strict_match_mean']:.2f} / "
                 f"{row['flexible_extract_mean']:.2f} | {row['step_seconds']:.1f} | "
                 f"{row['peak_train_rss_bytes'] / 2**30:.2f} GiB | {len(row['seeds'])} |")
+    if result["ablation_summary"]:
+        lines += ["", "Ablation: every lever runs seed 0; a lever whose validation NLL beats SPEFT (gradient)'s "
+                  "seed-0 run also runs seeds 1 and 2."]
     rates = sorted({rate for grid in result["grids"].values() for rate in grid})
     lines += ["", "Validation answer NLL by learning rate (seed 0; the bold rate is the one chosen):", "",
               "| method | " + " | ".join(f"{rate:g}" for rate in rates) + " |", "|---|" + "---:|" * len(rates)]

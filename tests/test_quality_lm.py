@@ -99,9 +99,21 @@ def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp
     rate = result["chosen_learning_rates"]["speft-gradient"]
     assert [(run["method"], run["learning_rate"]) for run in ablated["runs"][21:]] == [
         (name, rate) for name in list(quality_lm.ABLATIONS)[:2]]
-    assert ablated["state"]["runs_planned"] == 21 + 3 * len(quality_lm.ABLATIONS)
+    promoted = quality_lm.promoted_ablations(ablated["runs"], rate)
+    assert set(promoted) <= set(list(quality_lm.ABLATIONS)[:2])  # only screened levers earn more seeds
+    assert ablated["state"]["runs_planned"] == 21 + len(quality_lm.ABLATIONS) + 2 * len(promoted)
     assert ablated["runs"][21]["test_nll"] != ablated["runs"][22]["test_nll"]  # a lever changes the result
     torch.set_num_threads(threads)
+
+
+def test_only_levers_that_beat_speft_on_validation_earn_more_seeds():
+    first, second, *_ = quality_lm.ABLATIONS
+    def run(method, val_nll, test_nll, rate=1e-3, seed=0):
+        return {"method": method, "learning_rate": rate, "seed": seed, "val_nll": val_nll, "test_nll": test_nll}
+    runs = [run("speft-gradient", 0.9, 0.9), run(first, 0.8, 1.5), run(second, 0.95, 0.1),
+            run(second, 0.1, 0.1, rate=3e-3), run(second, 0.1, 0.1, seed=1)]
+    assert quality_lm.promoted_ablations(runs, 1e-3) == [first]  # by validation NLL, at the chosen rate, seed 0
+    assert quality_lm.promoted_ablations(runs[1:], 1e-3) == []  # no reference run yet: nothing earns seeds
 
 
 def test_bad_paths_fail_before_work(tmp_path, capsys):
