@@ -353,13 +353,14 @@ def chosen_rate(runs: list[dict], method: str) -> float | None:
 
 
 def promoted_ablations(runs: list[dict], rate: float | None) -> list[str]:
-    """The levers worth more seeds: those whose seed-0 run beats SPEFT (gradient) at its chosen rate on the
-    validation split (the test problems choose nothing here either)."""
+    """The levers worth more seeds, the most promising first: those whose seed-0 run beats SPEFT (gradient) at its
+    chosen rate on the validation split (the test problems choose nothing here either), by that NLL."""
     validation = {run["method"]: run["val_nll"] for run in runs if run["seed"] == SWEEP_SEED
                   and run["learning_rate"] == rate and run["method"] in {"speft-gradient", *ABLATIONS}}
     if "speft-gradient" not in validation:
         return []
-    return [name for name in ABLATIONS if validation.get(name, math.inf) < validation["speft-gradient"]]
+    better = [name for name in ABLATIONS if validation.get(name, math.inf) < validation["speft-gradient"]]
+    return sorted(better, key=validation.get)
 
 
 def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str, float, int, bool]], int]:
@@ -378,7 +379,7 @@ def planned(args: argparse.Namespace, runs: list[dict]) -> tuple[list[tuple[str,
         total += len(ABLATIONS) + (len(SEEDS) - 1) * len(promoted)
         if rate is not None:
             plan += [(name, rate, SWEEP_SEED, True) for name in ABLATIONS]
-            plan += [(name, rate, seed, True) for seed in SEEDS[1:] for name in promoted]
+            plan += [(name, rate, seed, True) for name in promoted for seed in SEEDS[1:]]
     done = {(run["method"], run["learning_rate"], run["seed"]): run["test_nll"] is not None for run in runs}
     return [job for job in plan if job[:3] not in done or (job[3] and not done[job[:3]])], total
 
