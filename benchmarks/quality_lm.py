@@ -315,7 +315,10 @@ def run_one(name: str, learning_rate: float, seed: int, args: argparse.Namespace
             result["peak_train_rss_bytes"] = process_status("VmHWM")  # since the reset when training began
         # CPU seconds (all threads) tell a step's cost apart from waiting for a busy machine's cores
         result.update(step_seconds=statistics.median(times), step_cpu_seconds=statistics.median(cpu_times),
-                      trainable_params=sum(p.numel() for p in trainable))
+                      trainable_params=sum(p.numel() for p in trainable),
+                      # dynamic masks: entries that left the mask keep their values, frozen, in the adapter
+                      residual_entries=sum(buffer.numel() for name, buffer in model.named_buffers()
+                                           if "speft_residual_values" in name))
     result.update(evaluate(model, tokenizer, data, args, full))
     if not full:
         model.save_pretrained(cache)
@@ -454,6 +457,15 @@ def markdown_tables(result: dict) -> str:
     if result["ablation_summary"]:
         lines += ["", "Ablation: every lever runs seed 0; a lever whose validation NLL beats SPEFT (gradient)'s "
                   "seed-0 run also runs seeds 1 and 2."]
+    residuals: dict[str, list[int]] = {}
+    for run in result["runs"]:
+        if run.get("residual_entries"):
+            residuals.setdefault(run["method"], []).append(run["residual_entries"])
+    for method, counts in residuals.items():
+        lines += ["", f"{method}: entries that left the mask stay in the adapter, frozen (the model's function is "
+                  f"unchanged by an update): {statistics.mean(counts):,.0f} of them beside the trainable values "
+                  f"(mean of {len(counts)} run(s) that recorded it), so its saved delta has more nonzeros than the "
+                  "budget."]
     rates = sorted({rate for grid in result["grids"].values() for rate in grid})
     lines += ["", "Validation answer NLL by learning rate (seed 0; the bold rate is the one chosen):", "",
               "| method | " + " | ".join(f"{rate:g}" for rate in rates) + " |", "|---|" + "---:|" * len(rates)]

@@ -77,6 +77,7 @@ def test_quick_run_sweeps_on_validation_then_seeds_then_ablation_and_resumes(tmp
     for run in runs[1:]:
         assert len(run["losses"]) == 2 and run["step_seconds"] > 0 and run["peak_train_rss_bytes"] > 0
         assert (run["salience_seconds"] > 0) == run["method"].startswith("speft")
+        assert run["residual_entries"] == 0  # static masks: the adapter holds the trainable values only
         assert run["val_nll"] > 0
         if run["test_nll"] is not None:
             assert 0 <= run["strict_match"] <= 1 and run["test_nll"] > 0 and run["ood_nll"] > 0
