@@ -186,6 +186,7 @@ def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) ->
     """Forward+backward of each Llama-3-8B projection shape: the frozen base alone, LoRA r, peft's SHiRA and
     Supertuning and SPEFT with each kernel strategy, all at LoRA r's trainable count; and the strategy the automatic
     choice made for each shape. A method that fails records its error; the others still run."""
+    from hf_speft.kernels.choice import bucket
     from hf_speft.ops import kernel_choices
 
     rank, tokens, rows = settings["rank"], settings["tokens"], []
@@ -204,7 +205,8 @@ def section_kernels(device: torch.device, settings: dict, dtype: torch.dtype) ->
             x.grad = None
         # the automatic choice is made per product (forward, input_grad, values_grad) and shape bucket
         row["auto_choice"] = {key.split()[0]: value for key, value in kernel_choices().items()
-                              if f" {out_features}x{in_features} nnz={nnz} " in key}
+                              if key == bucket(key.split()[0], x.device, dtype, (out_features, in_features), nnz,
+                                               tokens)}
         times = {name: entry["s"] for name, entry in row["methods"].items()}
         if "lora" in times:
             row["ratios_to_lora"] = {name: value / times["lora"] for name, value in times.items()}

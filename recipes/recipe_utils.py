@@ -23,7 +23,9 @@ class MethodArguments:
     """The method a recipe trains with, and SPEFT's options (command-line flags of the same names)."""
 
     method: str = field(default="speft", metadata={"help": f"One of {METHODS}."})
-    salience: str = field(default="gradient", metadata={"help": "SPEFT salience measure."})
+    salience: Optional[str] = field(default=None, metadata={
+        "help": "SPEFT salience measure (default: the library's for the task: magnitude for causal LMs, else "
+                "gradient)."})
     mask_scope: str = field(default="global", metadata={"help": "SPEFT mask scope: global or local."})
     mask_update: str = field(default="static", metadata={"help": "SPEFT masks: static or dynamic."})
     update_interval: int = field(default=100, metadata={"help": "SPEFT dynamic update interval (steps)."})

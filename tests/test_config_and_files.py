@@ -95,6 +95,22 @@ def test_target_modules_alone_is_a_working_config_with_the_budget_of_a_rank_8_lo
     assert model.get_nb_trainable_parameters() == lora.get_nb_trainable_parameters()
 
 
+def test_the_default_salience_follows_the_task_and_is_saved_as_resolved(tmp_path):
+    """Causal LMs default to magnitude (data-free: the mask exists after get_peft_model, no calibration), other tasks
+    to the paper's gradient; an explicit measure always wins, and a saved config names its measure."""
+    from peft import PeftConfig, TaskType
+
+    causal = SparsePeftConfig(task_type=TaskType.CAUSAL_LM, target_modules=TARGETS)
+    assert causal.salience == "magnitude" and SparsePeftConfig(task_type="CAUSAL_LM").salience == "magnitude"
+    assert SparsePeftConfig().salience == SparsePeftConfig(task_type="SEQ_CLS").salience == "gradient"
+    assert SparsePeftConfig(task_type="CAUSAL_LM", salience="gradient").salience == "gradient"
+    model = get_peft_model(tiny_llama(), causal)
+    assert model.get_nb_trainable_parameters()[0] > 0  # calibrated at injection
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["salience"] == "magnitude"
+    assert PeftConfig.from_pretrained(tmp_path).salience == "magnitude"
+
+
 def test_budget_arithmetic():
     shapes = [(32, 32), (16, 32)]
     assert SparsePeftConfig(density=0.25).total_budget(shapes) == round(0.25 * (1024 + 512))

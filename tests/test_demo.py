@@ -43,6 +43,7 @@ def test_quick_demo_learns_and_checks_the_adapter(workdir, capsys):
     counts = re.findall(r"^(?:SPEFT|LoRA) +([\d,]+) ", output, re.MULTILINE)
     assert len(counts) == 2 and counts[0] == counts[1]  # the same budget
     assert "lr 0.002 for SPEFT, 0.003 for LoRA" in output and "before: " in output and "after (SPEFT): " in output
+    assert "SPEFT: magnitude salience, the budget of peft's LoRA r=2" in output  # the causal-LM default: data-free
     mask = output.split("density per layer and module:\n")[1].split("scale:")[0].splitlines()
     header = mask[0].split()
     assert header[0] == "layer" and sorted(header[1:]) == sorted(["q", "k", "v", "o", "gate", "up", "down"])
@@ -63,8 +64,10 @@ def test_prepare_model_converts_once_and_trains_nothing(workdir, capsys):
 
 
 def test_exit_code_is_1_when_the_held_out_nll_does_not_fall(workdir, capsys):
-    assert demo.main([*QUICK, "--learning_rate", "0", "--no_lora", "--workdir", str(workdir)]) == 1
+    assert demo.main([*QUICK, "--learning_rate", "0", "--no_lora", "--salience", "gradient",
+                      "--workdir", str(workdir)]) == 1
     output = capsys.readouterr().out
+    assert "SPEFT: gradient salience on 1 batches" in output  # a data-dependent measure calibrates first
     before, after = held_out_nll(output, "SPEFT")
     assert after == pytest.approx(before) and not re.search(r"^LoRA ", output, re.MULTILINE)  # --no_lora
     assert "RESULT: FAILED: not SPEFT's held-out NLL fell" in output

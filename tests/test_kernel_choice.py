@@ -32,9 +32,24 @@ def test_auto_picks_a_strategy_per_product_and_caches_it_in_memory_and_on_disk()
     choices = kernel_choices()
     assert sorted(key.split()[0] for key in choices) == ["forward", "input_grad", "values_grad"]
     assert set(choices.values()) <= {"csr", "dense"}  # triton is never chosen automatically on the CPU
-    assert all(key.endswith("13x11 nnz=30 tokens<=16") for key in choices)
+    assert all(key.endswith("13x11 nnz<=32 tokens<=16") for key in choices)
     on_disk = json.loads(choice.cache_path().read_text())
     assert {key.split(" [")[0]: name for key, name in on_disk.items()} == choices
+
+
+def test_layers_whose_nnz_and_tokens_round_to_one_power_of_two_share_a_measurement(monkeypatch):
+    """A global budget gives each layer its own nnz and variable-length batches their own token counts: within a
+    power of two they share one decision, so a model measures each shape a few times, not every layer."""
+    measured = []
+    original = choice._measure
+    monkeypatch.setattr(choice, "_measure", lambda key, *args: measured.append(key) or original(key, *args))
+    for nnz, tokens in ((17, (2, 6)), (30, (3, 5)), (32, (16,))):  # nnz 17..32 and 9..16 tokens: one bucket
+        problem = make_problem(nnz=nnz, tokens=tokens)
+        for got, expected in zip(run(*problem, kernel="auto"), reference(*problem)):
+            assert_matches(got, expected, torch.float32, 12, "auto")
+    assert sorted(key.split()[0] for key in measured) == ["forward", "input_grad", "values_grad"]
+    run(*make_problem(nnz=33), kernel="auto")  # the next power of two is another bucket
+    assert len(measured) == 6 and all("nnz<=64" in key for key in measured[3:])
 
 
 def test_the_disk_cache_is_reused_after_clearing_memory_and_in_a_fresh_process(monkeypatch):

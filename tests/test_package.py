@@ -122,6 +122,16 @@ def test_an_unmeasured_speed_table_says_how_to_measure_it(monkeypatch):
     assert unmeasured[2].count("|") == measured[2].count("|")
 
 
+def test_the_short_run_table_counts_every_step_and_salience(monkeypatch):
+    real_model = _benchmark_module("real_model", monkeypatch)
+    lora = {"steps": 40, "train_wall_s": 100.0, "train_wall_s/lora": 1.0, "step_time_s": 2.5, "step_time_s/lora": 1.0,
+            "salience_s": 0.0}
+    speft = {**lora, "train_wall_s": 110.0, "train_wall_s/lora": 1.1, "step_time_s": 2.6, "step_time_s/lora": 1.04,
+             "salience_s": 20.0}
+    table = real_model.short_run_table({"speft": speft, "lora": lora}).splitlines()
+    assert table[2] == "| speft | 40 | 110 | 1.10 | 2.60 | 1.04 | 20.0 | 1.30 |" and table[3].endswith("| 1.00 |")
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["estimate", "--help"], ["estimate"], ["merge", "a", "b", "c", "--dtype",
                                                                                     "int3"]])
 def test_the_command_line_parser_imports_neither_torch_nor_transformers(argv):

@@ -4,6 +4,7 @@ reload the merged folder in plain transformers, load with AutoPeftModelForCausal
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -43,6 +44,19 @@ def test_the_gguf_helper_gives_an_ordinary_checkpoint(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert AutoTokenizer.from_pretrained(smollm2).chat_template  # the real tokenizer, chat template included
+
+
+def test_a_short_run_pads_each_batch_to_its_longest_problem(smollm2, tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in PROBLEMS * 2) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    settings = dict(dataset_path=str(tmp_path), batch_size=2)
+    fixed = real_model.training_batches(tokenizer, argparse.Namespace(**settings, padding="max_length"), 4)
+    longest = real_model.training_batches(tokenizer, argparse.Namespace(**settings, padding="longest"), 4)
+    assert {batch["input_ids"].shape[1] for batch in fixed} == {real_model.MAX_LENGTH}
+    for batch, same in zip(longest, fixed):
+        width = batch["attention_mask"].sum(1).max()
+        assert batch["input_ids"].shape[1] == width < real_model.MAX_LENGTH  # no step pays for padding to 256
+        assert torch.equal(batch["labels"], same["labels"][:, :width])  # the same tokens; padding is no label
 
 
 def test_recipe_then_inspect_merge_reload_and_generate(smollm2, tmp_path, capsys):

@@ -150,7 +150,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model_dir, monk
     import hf_speft.training.updater
 
     data = write_dataset(tmp_path / "data")
-    every_2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    every_2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--salience", "gradient"]
     full = gsm8k.main(recipe_args(tiny_model_dir, data, tmp_path / "full", "speft", *every_2))
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
 

@@ -300,8 +300,9 @@ def test_zero3_checkpointing_guard_sets_transformers_current_argument():
 
 
 def test_a_speft_run_at_a_lora_rate_logs_a_hint_once(tmp_path, caplog):
-    """The hint's rate is the lower of SPEFT's rates in the two sweeps (benchmarks/results/quality_sst2_sweep.json,
-    quality_lm.json), and docs/training.md quotes each sweep's SPEFT and LoRA rates."""
+    """The hint's rate is the lowest SPEFT rate the sweeps chose (benchmarks/results/quality_sst2_sweep.json,
+    quality_lm.json's gradient and magnitude salience), and docs/training.md quotes each sweep's SPEFT and LoRA
+    rates."""
     import json
     import logging
     from pathlib import Path
@@ -311,7 +312,7 @@ def test_a_speft_run_at_a_lora_rate_logs_a_hint_once(tmp_path, caplog):
     root = Path(__file__).parents[1]
     rates = json.loads((root / "benchmarks" / "results" / "quality_sst2_sweep.json").read_text())["learning_rates"]
     causal = json.loads((root / "benchmarks" / "results" / "quality_lm.json").read_text())["chosen_learning_rates"]
-    assert SPEFT_LEARNING_RATE == min(rates["speft"], causal["speft-gradient"])
+    assert SPEFT_LEARNING_RATE == min(rates["speft"], causal["speft-gradient"], causal["speft-magnitude"])
     training_doc = (root / "docs" / "training.md").read_text()
     assert f"`learning_rate={rates['speft']:g}`" in training_doc and f"LoRA's {rates['lora']:g}" in training_doc
     assert f"`learning_rate={causal['speft-gradient']:g}`" in training_doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from trl import SFTConfig
 
 import hf_speft
 from hf_speft import sparse_layers
-from hf_speft.training.callback import SPEFT_LEARNING_RATE
+from hf_speft.config import DEFAULT_SALIENCE
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # trl refuses adapters on lm_head
 
@@ -121,7 +122,11 @@ def test_the_quick_start_trains_as_written_on_a_cpu(path, tmp_path, monkeypatch)
         "prompt_completion_data": counting_prompts(16), "base": base_model(), "train": counting_dataset(),
         "collator": default_data_collator})
     trainer = namespace["trainer"]
-    assert trainer.state.global_step > 0 and trainer.args.learning_rate == SPEFT_LEARNING_RATE
+    causal_default = DEFAULT_SALIENCE["CAUSAL_LM"]  # an SFT quick start sets task_type, so it gets this measure
+    chosen = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "quality_lm.json").read_text())[
+        "chosen_learning_rates"]
+    assert trainer.state.global_step > 0 and trainer.args.learning_rate == chosen[f"speft-{causal_default}"]
+    assert trainer.model.peft_config["default"].salience == causal_default
     assert isinstance(trainer.model, PeftModel)
     if (tmp_path / "out" / "adapter").exists():
         PeftModel.from_pretrained(base_model(), tmp_path / "out" / "adapter")

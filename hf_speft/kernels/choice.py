@@ -1,7 +1,7 @@
 """Which strategy computes a product: the one asked for, or — for `"auto"` — the fastest one measured.
 
 The automatic choice is made per product (forward, input_grad, values_grad) and bucket: device, dtype, the (out,
-in) shape, nnz and the token count rounded up to a power of two. The first call in a bucket validates and times every
+in) shape, and nnz and the token count each rounded up to a power of two. The first call in a bucket validates and times every
 eligible strategy on the real operands — the only moment a product's errors are caught and the device synchronised:
 one that raises or disagrees with the reference strategy is dropped with a warning (never used for that bucket), and
 the fastest of the rest is kept. A choice read from the disk cache is validated once per process the same way before
@@ -104,11 +104,18 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def _power_of_two_at_least(count: int) -> int:
+    return 1 << max(count - 1, 0).bit_length()
+
+
 def bucket(product: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int,
            tokens: int) -> str:
-    """The description of a decision's bucket, as `kernel_choices()` reports it."""
+    """The description of a decision's bucket, as `kernel_choices()` reports it. nnz and tokens are rounded up to a
+    power of two: a global budget gives every layer its own nnz, and variable-length batches their own token
+    counts, so exact values would measure almost every layer at almost every step; which strategy wins moves with
+    density and size, not with their last digits."""
     return (f"{product} {_device_name(device)} {str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]} "
-            f"nnz={nnz} tokens<={1 << max(tokens - 1, 0).bit_length()}")
+            f"nnz<={_power_of_two_at_least(nnz)} tokens<={_power_of_two_at_least(tokens)}")
 
 
 def kernel_choices() -> dict[str, str]:

@@ -11,8 +11,9 @@ from .updater import MaskUpdater
 
 logger = logging.getLogger(__name__)
 
-# The lower of the rates SPEFT's two sweeps chose: 2e-3 on SST-2 (MiniLM, benchmarks/results/quality_sst2_sweep.json)
-# and 1e-3 on GSM8K (SmolLM2-135M, benchmarks/results/quality_lm.json). trl's default 2e-5 trains SPEFT much less.
+# The lowest rate SPEFT's sweeps chose: 2e-3 on SST-2 (MiniLM, benchmarks/results/quality_sst2_sweep.json); on GSM8K
+# (SmolLM2-135M, benchmarks/results/quality_lm.json) 1e-3 with gradient salience, 3e-3 with magnitude (the causal-LM
+# default). trl's default 2e-5 trains SPEFT much less.
 SPEFT_LEARNING_RATE = 1e-3
 
 
@@ -20,7 +21,7 @@ SPEFT_LEARNING_RATE = 1e-3
 def warn_about_a_low_learning_rate(learning_rate: float) -> None:
     """Log, once per rate, that a SPEFT run starts at a rate more than 10x below the measured best."""
     if learning_rate < SPEFT_LEARNING_RATE / 10:
-        logger.warning("SPEFT training starts with learning_rate=%g, more than 10x below %g, the lower of SPEFT's "
+        logger.warning("SPEFT training starts with learning_rate=%g, more than 10x below %g, the lowest of SPEFT's "
                        "best rates in this project's sweeps (see docs/training.md): at rates this low a sparse "
                        "adapter may train much less.", learning_rate, SPEFT_LEARNING_RATE)
 
