@@ -38,8 +38,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ["speft", "lora", "speft_unfolded"]  # speft: the default (scoped fold); speft_unfolded: `fold_weights=False`
 LORA_R = 16
 MAX_LENGTH = 256
-RATIO_FIELDS = ["step_time_s", "train_wall_s", "peak_train_rss_bytes", "peak_process_rss_bytes", "saved_for_backward_bytes",
-                "optimizer_state_bytes"]
+RATIO_FIELDS = ["step_time_s", "train_wall_s", "peak_train_rss_bytes", "peak_process_rss_bytes",
+                "saved_for_backward_bytes", "optimizer_state_bytes"]
 
 
 def smollm2_checkpoint(out_dir: str | Path) -> Path:

@@ -1,16 +1,16 @@
 """Which strategy computes a product: the one asked for, or — for `"auto"` — the fastest one measured.
 
-The automatic choice is made per product (forward, input_grad, values_grad) and bucket: device, dtype, the (out,
-in) shape, and nnz and the token count each rounded up to a power of two. The first call in a bucket validates and times every
-eligible strategy on the real operands — the only moment a product's errors are caught and the device synchronised:
-one that raises or disagrees with the reference strategy is dropped with a warning (never used for that bucket), and
-the fastest of the rest is kept. A choice read from the disk cache is validated once per process the same way before
-it is used. After that the chosen strategy runs alone, with no host synchronisation and no fallback: if it raises,
-the error names it and `$HF_SPEFT_KERNEL` (after an asynchronous device fault the device is unusable, so trying the
-next strategy could not help). Decisions live in memory and on disk (a JSON file under the Hugging Face cache,
-`$HF_HOME/hf_speft/kernel_choices.json`, or `$HF_SPEFT_KERNEL_CACHE`; keyed by torch and Triton versions, merged
-into the file's current content and written atomically; an unreadable file is ignored with a warning), and each is
-logged once.
+The automatic choice is made per product (forward, input_grad, values_grad) and bucket: device, dtype, the (out, in)
+shape, and nnz and the token count each rounded up to a power of two. The first call in a bucket validates and times
+every eligible strategy on the real operands — the only moment a product's errors are caught and the device
+synchronised: one that raises or disagrees with the reference strategy is dropped with a warning (never used for
+that bucket), and the fastest of the rest is kept. A choice read from the disk cache is validated once per process
+the same way before it is used. After that the chosen strategy runs alone, with no host synchronisation and no
+fallback: if it raises, the error names it and `$HF_SPEFT_KERNEL` (after an asynchronous device fault the device is
+unusable, so trying the next strategy could not help). Decisions live in memory and on disk (a JSON file under the
+Hugging Face cache, `$HF_HOME/hf_speft/kernel_choices.json`, or `$HF_SPEFT_KERNEL_CACHE`; keyed by torch and Triton
+versions, merged into the file's current content and written atomically; an unreadable file is ignored with a
+warning), and each is logged once.
 
 Each process decides on its own, with no collective call: inside an op a rank may meet a new bucket, a failure or a
 whole forward (evaluation, generation) alone, and a collective there would wait forever for the others. Ranks that
