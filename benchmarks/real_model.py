@@ -111,16 +111,18 @@ def _release_freed_memory() -> None:
 def worker(method: str, args: argparse.Namespace) -> dict:
     """Calibrate (SPEFT) and train one method on SmolLM2 and measure it (runs in its own process, with an empty
     kernel-choice cache of its own: the automatic choice measures as in a new user's first run)."""
-    os.environ["HF_SPEFT_KERNEL_CACHE"] = str(Path(tempfile.mkdtemp(prefix="hf-speft-kernels-")) / "choices.json")
     import torch
     from harness import PeakGrowth, process_status
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_speft
+    from hf_speft.kernels.choice import ENV_CACHE
     from hf_speft.memory import saved_for_backward_bytes
     from hf_speft.methods import method_peft_config
     from hf_speft.ops import kernel_choices
+
+    os.environ[ENV_CACHE] = str(Path(tempfile.mkdtemp(prefix="hf-speft-kernels-")) / "choices.json")
 
     model_dir = smollm2_checkpoint(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
