@@ -13,7 +13,8 @@ autograd's "modified by an inplace operation" instead of giving a silently wrong
 Numerics are mixed-precision training's: the folded entries are round_to_base_dtype(W0[idx] + values), summed in at
 least float32 from the saved originals (one rounding, never accumulated in half precision) — the weight a merge of
 the adapter writes (`entries_with_delta`), and the bf16 copy of fp32 master weights that AMP computes with. The
-values' gradient (gᵀx at the mask) is not computed here: the layer adds it with `ops.sparse_delta(add_delta=False)`.
+values' gradient is the exact gᵀx at the mask, computed in the same backward by the sparse kernels
+(`ops.sparse_values_grad`): one autograd node per layer, and no copy of the output to hang it on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from .integrations.compat import has_call_hooks, is_partitioned
+from .ops import SparsePattern, sparse_values_grad
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOCKS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # base weight -> the lock its folds take
@@ -103,36 +105,43 @@ def _base_product(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FoldedProduct(torch.autograd.Function):
     """The base layer's output computed with W0+Δ, and its input (and bias) gradient computed with W0+Δ too; the
-    weight is folded only inside each of the two GEMMs. Gives no gradient for the values (see the module
-    docstring) and none for the frozen weight."""
+    weight is folded only inside each of the two GEMMs. The trainable `values` (the mask's part of Δ) get gᵀx at
+    the mask; the weight and the written `delta` (the values, and a frozen residual after them) get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, base_layer, positions):
-        with folded(weight, positions, values):
+    def forward(ctx, x, weight, bias, values, base_layer, positions, delta, pattern, kernel):
+        with folded(weight, positions, delta):
             out = _base_product(base_layer, x)
-        ctx.save_for_backward(weight, values)  # saved: a versioned write from outside before backward raises
+        trains_values = ctx.needs_input_grad[3]
+        # the weight and the delta are saved so that a versioned write from outside before backward raises
+        ctx.save_for_backward(weight, delta, x if trains_values else None, values if trains_values else None)
         ctx.positions, ctx.transposed = positions, isinstance(base_layer, Conv1D)
+        ctx.pattern, ctx.kernel = pattern, kernel
         ctx.dtypes = (x.dtype, out.dtype, None if bias is None else bias.dtype)  # out: autocast's compute dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, values = ctx.saved_tensors
+        weight, delta, x, values = ctx.saved_tensors
         x_dtype, compute_dtype, bias_dtype = ctx.dtypes
-        grad_x = grad_bias = None
+        grad_x = grad_bias = grad_values = None
         with torch.autocast(device_type=grad.device.type, enabled=False):  # the forward's dtype, as autocast's
             if ctx.needs_input_grad[0]:
-                with folded(weight, ctx.positions, values):
+                with folded(weight, ctx.positions, delta):
                     matrix = weight.to(compute_dtype)
                     grad_x = grad.to(compute_dtype) @ (matrix.t() if ctx.transposed else matrix)
                 grad_x = grad_x.to(x_dtype)
             if ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(tuple(range(grad.dim() - 1))).to(bias_dtype)
-        return grad_x, None, grad_bias, None, None, None
+        if ctx.needs_input_grad[3]:
+            grad_values = sparse_values_grad(grad, x, values, ctx.pattern, ctx.kernel)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
-def folded_product(base_layer: nn.Module, x: torch.Tensor, positions: torch.Tensor,
-                   values: torch.Tensor) -> torch.Tensor:
-    """`base_layer(x)` computed with the delta (`values` at the int64 storage `positions`) folded into its weight
-    for the product only; differentiable in `x` (and a trainable bias), not in the values or the weight."""
-    return FoldedProduct.apply(x, base_layer.weight, base_layer.bias, values.detach(), base_layer, positions)
+def folded_product(base_layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor,
+                   values: torch.Tensor, pattern: SparsePattern, kernel: str = "auto") -> torch.Tensor:
+    """`base_layer(x)` computed with the delta (`delta` at the int64 storage `positions`) folded into its weight
+    for the product only; differentiable in `x`, a trainable bias and `values` (the trainable entries, at
+    `pattern`'s mask, that begin `delta`: their gradient is gᵀx there, by `kernel`), not in the weight."""
+    return FoldedProduct.apply(x, base_layer.weight, base_layer.bias, values, base_layer, positions, delta.detach(),
+                               pattern, kernel)

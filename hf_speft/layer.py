@@ -529,15 +529,11 @@ class Linear(nn.Module, SparsePeftLayer):
         return None
 
     def _folded_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The base product computed with the adapter's whole delta folded into it (mask and frozen residual), the
-        values' gradient added by the sparse op (gᵀx at the mask, forward unchanged), the low-rank part as LoRA adds
-        it."""
+        """The base product computed with the adapter's whole delta folded into it (mask and frozen residual; the
+        values' gradient is gᵀx at the mask), the low-rank part as LoRA adds it."""
         result = folded_product(self.base_layer, x, self._delta_positions(adapter_name),
-                                self._delta_values(adapter_name))
-        values = self.speft_values.fetch(adapter_name)
-        if values.requires_grad and torch.is_grad_enabled():
-            result = sparse_delta(result, x, values, self.pattern(adapter_name), add_delta=False,
-                                  kernel=self.speft_kernel.get(adapter_name, "auto"))
+                                self._delta_values(adapter_name), self.speft_values.fetch(adapter_name),
+                                self.pattern(adapter_name), self.speft_kernel.get(adapter_name, "auto"))
         if adapter_name in self.speft_lora_A:
             result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result

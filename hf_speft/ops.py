@@ -7,7 +7,8 @@ DeepSpeed see ordinary ops:
 - `hf_speft::sparse_delta` returns `base_out + x·Δᵀ` (the forward correction) and saves nothing for backward but
   the input `x` (and the values, a parameter);
 - `hf_speft::sparse_delta_backward` returns the input gradient g·Δ and the values' gradient (gᵀ·x at the mask only,
-  an SDDMM).
+  an SDDMM). `sparse_values_grad` runs its second half alone, for a delta already in the product (a fold or a
+  transient merge: `hf_speft.fold`, `hf_speft.quantized`).
 Each product runs with the kernel asked for (`csr`, `dense`, `triton`) or, with `auto`, the one measured fastest
 for its shape bucket (see `hf_speft.kernels.choice`). `$HF_SPEFT_KERNEL` overrides the kernel a config asks for.
 """
@@ -22,7 +23,7 @@ from .kernels import KERNELS
 from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
 
-__all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta",
+__all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta", "sparse_values_grad",
            "transposed_positions"]
 
 kernel_choices = _choice.kernel_choices
@@ -44,10 +45,8 @@ def _run(product: str, kernel: str, layout: Layout, operand: torch.Tensor, token
 
 @torch.library.custom_op("hf_speft::sparse_delta", mutates_args=())
 def _forward_op(base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
-                out_features: int, in_features: int, add_delta: bool, kernel: str) -> torch.Tensor:
-    """base_out + x·Δᵀ for 2-D `base_out` (T, out) and `x` (T, in); a copy of base_out when not `add_delta`."""
-    if not add_delta:
-        return base_out.clone()
+                out_features: int, in_features: int, kernel: str) -> torch.Tensor:
+    """base_out + x·Δᵀ for 2-D `base_out` (T, out) and `x` (T, in)."""
     layout = Layout(*layout, out_features, in_features)
     with torch.autocast(device_type=x.device.type, enabled=False):  # kernels compute in the dtype they choose
 
@@ -58,7 +57,7 @@ def _forward_op(base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, l
 
 
 @_forward_op.register_fake
-def _(base_out, x, values, layout, out_features, in_features, add_delta, kernel):
+def _(base_out, x, values, layout, out_features, in_features, kernel):
     return torch.empty_like(base_out)
 
 
@@ -101,23 +100,23 @@ def _(grad, x, values, layout, out_features, in_features, need_input_grad, need_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, x, values, layout, out_features, in_features, add_delta, kernel = inputs
+    _, x, values, layout, out_features, in_features, kernel = inputs
     ctx.save_for_backward(x, values)
     ctx.layout = layout  # the pattern's own tensors, held by the layer: not saved activations
-    ctx.options = (out_features, in_features, add_delta, kernel)
+    ctx.options = (out_features, in_features, kernel)
 
 
 def _backward(ctx, grad):
     x, values = ctx.saved_tensors
-    out_features, in_features, add_delta, kernel = ctx.options
-    need_input_grad = ctx.needs_input_grad[1] and add_delta
+    out_features, in_features, kernel = ctx.options
+    need_input_grad = ctx.needs_input_grad[1]
     need_values_grad = ctx.needs_input_grad[2]
     grad_x = grad_values = None
     if need_input_grad or need_values_grad:
         grad_x, grad_values = _backward_op(grad, x, values, ctx.layout, out_features, in_features, need_input_grad,
                                            need_values_grad, kernel)
     return (grad if ctx.needs_input_grad[0] else None, grad_x if need_input_grad else None,
-            grad_values if need_values_grad else None, [None] * len(ctx.layout), None, None, None, None)
+            grad_values if need_values_grad else None, [None] * len(ctx.layout), None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -128,13 +127,11 @@ def sparse_delta(
     x: torch.Tensor,
     values: torch.Tensor,
     pattern: SparsePattern,
-    add_delta: bool = True,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Return `base_out + x·Δᵀ` with gradients for `values` only at the mask (and for `x` through Δ).
 
-    With `add_delta=False` the delta is assumed to be folded into the weight that produced `base_out`: the output is
-    `base_out` and only the values' gradient is added in backward. `kernel` is one of `KERNELS` (`$HF_SPEFT_KERNEL`
+    `kernel` is one of `KERNELS` (`$HF_SPEFT_KERNEL`
     overrides it); an explicit strategy is checked to be runnable on x's device before any work.
     """
     kernel = _choice.requested(kernel)
@@ -143,5 +140,20 @@ def sparse_delta(
     _choice.check_available(kernel, x.device)
     out_features, in_features = pattern.shape
     out = _forward_op(base_out.reshape(-1, out_features), x.reshape(-1, in_features), values,
-                      list(pattern.layout[:6]), out_features, in_features, add_delta, kernel)
+                      list(pattern.layout[:6]), out_features, in_features, kernel)
     return out.reshape(base_out.shape)
+
+
+def sparse_values_grad(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern,
+                       kernel: str = "auto") -> torch.Tensor:
+    """gᵀ·x at the mask, in `values`' dtype and shape: the values' gradient of a delta that is already inside the
+    product whose output gradient is `grad` (a fold or a transient merge), by the kernel asked for or the automatic
+    choice, as `sparse_delta`'s backward computes it. Called from a backward: no graph of its own."""
+    kernel = _choice.requested(kernel)
+    if pattern.nnz == 0:
+        return torch.zeros_like(values)
+    _choice.check_available(kernel, x.device)
+    out_features, in_features = pattern.shape
+    _, grad_values = _backward_op(grad.reshape(-1, out_features), x.reshape(-1, in_features), values,
+                                  list(pattern.layout[:6]), out_features, in_features, False, True, kernel)
+    return grad_values

@@ -7,7 +7,7 @@ for every product (forward and input gradient) and discards it. The transient me
   (the sum in float32, one rounding: the weight a merge in the compute dtype gives), then one GEMM x·Wᵀ;
 - backward: the input gradient g·W through the same merged weight, dequantized and merged again (never saved: only
   the O(nnz) indices and values are kept for backward); the values' gradient gᵀx at the mask by the sparse kernels'
-  SDDMM (`sparse_delta(..., add_delta=False)`), exactly as unmerged.
+  SDDMM (`sparse_values_grad`), exactly as unmerged.
 
 So a step runs bitsandbytes' two dequantized GEMMs and the SDDMM, without the forward and input-gradient sparse
 products; peak memory grows by at most one layer's dequantized weight, which bitsandbytes' own product allocates too.
@@ -29,7 +29,7 @@ from torch import nn
 from .integrations.bnb import compute_dtype, compute_weight
 from .integrations.compat import is_cpu_packed
 from .layer import Linear
-from .ops import sparse_delta
+from .ops import SparsePattern, sparse_values_grad
 
 
 def merged_weight(base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor,
@@ -44,28 +44,35 @@ def merged_weight(base_layer: nn.Module, indices: torch.Tensor, values: torch.Te
 
 
 class TransientMergeFn(torch.autograd.Function):
-    """x·(dequantize(W0) + Δ)ᵀ (+ bias) with the input gradient through the same merged weight, rebuilt in backward.
+    """x·(dequantize(W0) + Δ)ᵀ (+ bias) in `dtype`, with the input gradient through the same merged weight, rebuilt
+    in backward, and gᵀx at the mask for the trainable `values` (which begin `delta`).
 
-    Saves only `indices` and `values` (O(nnz); `values` is version-checked, so an in-place change between forward and
-    backward raises). No gradient for the values here: `sparse_delta(..., add_delta=False)` adds it."""
+    Saves `indices`, `delta` and, when the values train, x and the values (O(nnz) besides x, which the base product
+    saves too; `delta` is version-checked, so an in-place change between forward and backward raises)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
-                base_layer: nn.Module) -> torch.Tensor:
-        ctx.save_for_backward(indices, values)
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, bias: Optional[torch.Tensor],
+                base_layer: nn.Module, dtype: torch.dtype, values: torch.Tensor, pattern: SparsePattern,
+                kernel: str) -> torch.Tensor:
+        trains_values = ctx.needs_input_grad[6]
+        ctx.save_for_backward(indices, delta, x if trains_values else None, values if trains_values else None)
         ctx.base_layer = base_layer  # the module, not a tensor: nothing weight-sized stays alive
-        ctx.has_bias = bias is not None
-        return nn.functional.linear(x, merged_weight(base_layer, indices, values, x.dtype), bias)
+        ctx.dtypes, ctx.has_bias = (x.dtype, dtype), bias is not None
+        ctx.pattern, ctx.kernel = pattern, kernel
+        return nn.functional.linear(x.to(dtype), merged_weight(base_layer, indices, delta, dtype), bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        indices, values = ctx.saved_tensors
-        grad_x = grad_bias = None
+        indices, delta, x, values = ctx.saved_tensors
+        x_dtype, dtype = ctx.dtypes
+        grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ merged_weight(ctx.base_layer, indices, values, grad.dtype)
+            grad_x = (grad.to(dtype) @ merged_weight(ctx.base_layer, indices, delta, dtype)).to(x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias, None
+            grad_bias = grad.to(dtype).reshape(-1, grad.shape[-1]).sum(0)
+        if ctx.needs_input_grad[6]:
+            grad_values = sparse_values_grad(grad, x, values, ctx.pattern, ctx.kernel)
+        return grad_x, None, None, grad_bias, None, None, grad_values, None, None
 
 
 def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -74,13 +81,10 @@ def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.
     bias."""
     base_layer = layer.get_base_layer()
     dtype = compute_dtype(base_layer, x)
-    indices, values = layer.delta_entries(adapter_name)
+    indices, delta = layer.delta_entries(adapter_name)
     bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
-    result = TransientMergeFn.apply(x.to(dtype), indices, values, bias, base_layer).to(x.dtype)
-    trainable = layer.speft_values.fetch(adapter_name)
-    if trainable.requires_grad and torch.is_grad_enabled():  # the values' gradient: the SDDMM in backward
-        result = sparse_delta(result, x, trainable, layer.pattern(adapter_name), add_delta=False,
-                              kernel=layer.speft_kernel.get(adapter_name, "auto"))
+    result = TransientMergeFn.apply(x, indices, delta, bias, base_layer, dtype, layer.speft_values.fetch(adapter_name),
+                                    layer.pattern(adapter_name), layer.speft_kernel.get(adapter_name, "auto"))
     if adapter_name in layer.speft_lora_A:
         result = result + layer.low_rank_output(adapter_name, x).to(result.dtype)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_speft.ops import SparsePattern, sparse_delta
+from hf_speft.ops import SparsePattern, sparse_delta, sparse_values_grad
 
 
 def random_problem(out_features=7, in_features=5, nnz=9, tokens=(3, 4), dtype=torch.float64, seed=0):
@@ -43,17 +43,18 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda b, xx, v: sparse_delta(b, xx, v, pattern), (base_out, x, values))
 
 
-def test_folded_mode_adds_only_value_gradients():
+def test_values_grad_alone_is_the_values_gradient_of_the_delta():
+    """`sparse_values_grad` (for a delta already inside the product) equals the values' gradient of x·(W+Δ)ᵀ."""
     indices, weight, x, values = random_problem(dtype=torch.float32)
     pattern = SparsePattern(indices, 7, 5)
-    folded_weight = weight.reshape(-1).index_add(0, indices, values.detach()).view_as(weight)
-    out = sparse_delta(x @ folded_weight.t(), x, values, pattern, add_delta=False)
-    grad_out = torch.randn_like(out)
-    grad_x, grad_values = torch.autograd.grad(out, (x, values), grad_out)
-    x_ref, values_ref = x.detach().requires_grad_(), values.detach().requires_grad_()
-    ref_grads = torch.autograd.grad(dense_reference(indices, weight, x_ref, values_ref), (x_ref, values_ref), grad_out)
-    torch.testing.assert_close(grad_x, ref_grads[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_values, ref_grads[1], atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(*x.shape[:-1], 7)
+    grad_values = sparse_values_grad(grad_out, x.detach(), values.detach(), pattern)
+    values_ref = values.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(dense_reference(indices, weight, x.detach(), values_ref), values_ref, grad_out)
+    assert grad_values.dtype == values.dtype and grad_values.shape == values.shape
+    torch.testing.assert_close(grad_values, expected, atol=1e-5, rtol=1e-5)
+    empty = SparsePattern(indices[:0], 7, 5)
+    assert torch.equal(sparse_values_grad(grad_out, x.detach(), values[:0].detach(), empty), torch.zeros(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
