@@ -124,7 +124,7 @@ def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthro
         sys.exit(0)
     if "lora" not in args.methods:
         parser.error("--methods must include lora: every ratio is relative to LoRA in the same run")
-    forwarded = [f"--{name}={getattr(args, name)}" for name in passthrough]
+    forwarded = [f"--{name}={getattr(args, name)}" for name in passthrough if getattr(args, name) is not None]
     rounds: list[dict[str, dict]] = []
     for round_index in range(args.rounds):
         results = {}

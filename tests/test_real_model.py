@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_speft.config import DEFAULT_SALIENCE
 from hf_speft_cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,23 @@ def test_a_short_run_pads_each_batch_to_its_longest_problem(smollm2, tmp_path):
         width = batch["attention_mask"].sum(1).max()
         assert batch["input_ids"].shape[1] == width < real_model.MAX_LENGTH  # no step pays for padding to 256
         assert torch.equal(batch["labels"], same["labels"][:, :width])  # the same tokens; padding is no label
+
+
+def test_the_speed_benchmark_measures_speft_at_the_library_defaults(smollm2, tmp_path):
+    """Without `--salience` the benchmark's SPEFT is what a user gets (the causal-LM default measure, recorded with
+    each run), and the unset option reaches the worker as absent, not as the string "None"."""
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in PROBLEMS) + "\n")
+    settings = ["--model_dir", str(smollm2), "--dataset_path", str(tmp_path), "--batch_size", "1",
+                "--speed_steps", "1", "--warmup", "0", "--padding", "longest", "--salience_batches", "1"]
+    script = str(ROOT / "benchmarks" / "real_model.py")
+    out = subprocess.run([sys.executable, script, "--worker", "speft", *settings], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["salience"] == DEFAULT_SALIENCE["CAUSAL_LM"] and len(result["losses"]) == 1
+    forwarded = subprocess.run([sys.executable, script, "--methods", "lora", "--rounds", "1", "--output",
+                                str(tmp_path / "speed.jsonl"), *settings], capture_output=True, text=True)
+    assert forwarded.returncode == 0, forwarded.stderr[-2000:]
+    assert json.loads((tmp_path / "speed.jsonl").read_text().splitlines()[0])["config"]["salience"] is None
 
 
 def test_recipe_then_inspect_merge_reload_and_generate(smollm2, tmp_path, capsys):
