@@ -8,12 +8,15 @@ layers is refused.
 Ties are broken by position: among equal scores, the layer that comes first (in the order of the scores dict) and
 then the lower flat index wins. NaN scores rank below every number. `MaskSelector` takes the scores a group of
 layers at a time: a global ranking keeps only a running buffer of at most 2k candidates (score, layer, index), so
-all scores are never concatenated, nor need they all exist at once.
+all scores are never concatenated, nor need they all exist at once. Once the buffer has been pruned to k, its k-th
+best score is a floor: no later entry at or below it can still be chosen (ties go to the earlier layer), so later
+layers add only the entries above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 
@@ -37,6 +40,8 @@ def _select_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of the k largest entries of one tensor, ties to the lower index."""
     if k == 0:
         return torch.zeros(0, dtype=torch.int64, device=flat.device)
+    if k == flat.numel():
+        return torch.arange(k, device=flat.device)
     threshold = flat.topk(k, sorted=False).values.min()
     num_above = int((flat > threshold).sum())
     indices, _ = _top_count(flat, threshold, k - num_above)
@@ -107,9 +112,9 @@ class MaskSelector:
         self._local: dict[str, torch.Tensor] = {}
         self._reserved: dict[str, torch.Tensor] = {}
         self._ranked = budget - len(sizes)  # global scope: entries ranked across layers, beyond one per layer
-        self._values = torch.zeros(0)
-        self._positions = torch.zeros(0, dtype=torch.int64)
-        self._indices = torch.zeros(0, dtype=torch.int64)
+        self._floor: Optional[torch.Tensor] = None  # the ranked-th best candidate score at the last prune
+        self._candidates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (scores, layers, indices)
+        self._buffered = 0
 
     def add(self, scores: Mapping[str, torch.Tensor]) -> None:
         """Take the scores of the next layers (each of its layer's size)."""
@@ -126,30 +131,41 @@ class MaskSelector:
                 continue
             # The layer's best entry is reserved; the next `ranked` best compete globally.
             best = _select_topk(flat, 1)
-            top = _select_topk(flat, min(self._ranked + 1, flat.numel()))
+            top = self._layer_candidates(flat)
             top = top[top != best]
             self._reserved[name] = best.cpu()
             position = len(self.sizes) - len(self._pending) - 1
-            self._values = torch.cat([self._values, flat[top].float().cpu()])
-            self._positions = torch.cat([self._positions, torch.full((top.numel(),), position)])
-            self._indices = torch.cat([self._indices, top.cpu()])
-            if self._values.numel() > 2 * self._ranked:
-                self._keep(self._top_candidates())
+            self._candidates.append((flat[top].float().cpu(), torch.full((top.numel(),), position), top.cpu()))
+            self._buffered += top.numel()
+            if self._buffered > 2 * self._ranked:
+                self._prune()
 
-    def _top_candidates(self) -> torch.Tensor:
-        """Which buffered candidates are the `_ranked` best: above the k-th largest, then its ties in buffer order
-        (= layer order, then index)."""
-        if self._ranked == 0:
-            return torch.zeros(self._values.numel(), dtype=torch.bool)
-        threshold = self._values.topk(self._ranked, sorted=False).values.min()
-        kept = self._values > threshold
-        ties = torch.nonzero(self._values == threshold).flatten()[: self._ranked - int(kept.sum())]
-        kept[ties] = True
-        return kept
+    def _layer_candidates(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sorted indices of the layer's entries that can still be among the `ranked` best: its `ranked + 1` best
+        (its reserved best included), above the floor once there is one."""
+        if self._floor is None:
+            return _select_topk(flat, min(self._ranked + 1, flat.numel()))
+        above = torch.nonzero(flat.float() > self._floor.to(flat.device)).flatten()
+        if above.numel() > self._ranked + 1:
+            above = above[_select_topk(flat[above], self._ranked + 1)]
+        return above
 
-    def _keep(self, kept: torch.Tensor) -> None:
-        self._values, self._positions, self._indices = (self._values[kept], self._positions[kept],
-                                                        self._indices[kept])
+    def _prune(self) -> None:
+        """Keep the `ranked` best candidates: above the k-th largest score, then its ties in buffer order (= layer
+        order, then index); that score becomes the floor."""
+        scores, layers, indices = (torch.cat(parts) for parts in zip(*self._candidates)) if self._candidates else (
+            torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        if self._ranked == 0 or scores.numel() == 0:
+            kept = torch.zeros(scores.numel(), dtype=torch.bool)
+        else:
+            threshold = scores.topk(min(self._ranked, scores.numel()), sorted=False).values.min()
+            kept = scores > threshold
+            ties = torch.nonzero(scores == threshold).flatten()[: self._ranked - int(kept.sum())]
+            kept[ties] = True
+            if scores.numel() >= self._ranked:
+                self._floor = threshold
+        self._candidates = [(scores[kept], layers[kept], indices[kept])]
+        self._buffered = int(kept.sum())
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Sorted flat int64 indices of the selected entries of every layer."""
@@ -157,9 +173,12 @@ class MaskSelector:
             raise ValueError(f"No scores were added for {self._pending}.")
         if self._counts is not None:
             return dict(self._local)
-        self._keep(self._top_candidates())
-        return {name: torch.cat([self._reserved[name], self._indices[self._positions == position]]).sort().values
-                for position, name in enumerate(self.sizes)}
+        self._prune()
+        _, layers, indices = self._candidates[0]
+        order = torch.argsort(layers, stable=True)  # candidates grouped by layer, each group in index order
+        groups = indices[order].split(torch.bincount(layers, minlength=len(self.sizes)).tolist())
+        return {name: torch.cat([self._reserved[name], group]).sort().values
+                for name, group in zip(self.sizes, groups)}
 
 
 def select_mask(scores: Mapping[str, torch.Tensor], budget: int, scope: str = "global") -> dict[str, torch.Tensor]:

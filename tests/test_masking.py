@@ -110,6 +110,20 @@ def test_selector_fed_in_groups_equals_selecting_at_once(scope):
             assert torch.equal(masks[name], expected[name]), (budget, name)
 
 
+def test_global_selection_equals_a_full_sort_after_many_prunes():
+    """Many small layers against a small budget: the candidate buffer is pruned many times and later layers are
+    filtered by the floor; integer scores make ties at the floor, which must go to the earlier layer."""
+    generator = torch.Generator().manual_seed(5)
+    layers = {f"layer{i}": torch.randint(0, 4, (int(size),), generator=generator).float()
+              for i, size in enumerate(torch.randint(1, 30, (40,), generator=generator))}
+    for budget in (40, 41, 47, 90, 300):
+        selector = MaskSelector({name: value.numel() for name, value in layers.items()}, budget)
+        for name, value in layers.items():
+            selector.add({name: value})
+        masks = selector.masks()
+        assert {name: mask.tolist() for name, mask in masks.items()} == brute_force_global(layers, budget), budget
+
+
 def test_selector_refuses_out_of_order_or_missing_layers():
     selector = MaskSelector({"a": 4, "b": 4}, 2)
     with pytest.raises(ValueError, match="'b' arrived out of order; expected 'a'"):
