@@ -99,7 +99,8 @@ class MaskSelector:
     order of `sizes` (the tie order). `masks()` equals `select_mask` on all scores at once.
 
     Global scope keeps each added layer's top-`budget` entries in a running candidate buffer, pruned back to
-    `budget` entries whenever it passes 2·`budget`; local scope selects each layer's fixed share as it arrives.
+    `budget` entries whenever it passes 2·`budget` (later layers then add only entries above the pruned buffer's
+    lowest score); local scope selects each layer's fixed share as it arrives.
     """
 
     def __init__(self, sizes: Mapping[str, int], budget: int, scope: str = "global") -> None:
@@ -113,8 +114,8 @@ class MaskSelector:
         self._reserved: dict[str, torch.Tensor] = {}
         self._ranked = budget - len(sizes)  # global scope: entries ranked across layers, beyond one per layer
         self._floor: Optional[torch.Tensor] = None  # the ranked-th best candidate score at the last prune
-        self._candidates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (scores, layers, indices)
-        self._buffered = 0
+        # (scores, layers, indices) parts, concatenated only when pruned; the first part holds what a prune kept
+        self._candidates = [(torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))]
 
     def add(self, scores: Mapping[str, torch.Tensor]) -> None:
         """Take the scores of the next layers (each of its layer's size)."""
@@ -136,8 +137,7 @@ class MaskSelector:
             self._reserved[name] = best.cpu()
             position = len(self.sizes) - len(self._pending) - 1
             self._candidates.append((flat[top].float().cpu(), torch.full((top.numel(),), position), top.cpu()))
-            self._buffered += top.numel()
-            if self._buffered > 2 * self._ranked:
+            if sum(part[0].numel() for part in self._candidates) > 2 * self._ranked:
                 self._prune()
 
     def _layer_candidates(self, flat: torch.Tensor) -> torch.Tensor:
@@ -153,8 +153,7 @@ class MaskSelector:
     def _prune(self) -> None:
         """Keep the `ranked` best candidates: above the k-th largest score, then its ties in buffer order (= layer
         order, then index); that score becomes the floor."""
-        scores, layers, indices = (torch.cat(parts) for parts in zip(*self._candidates)) if self._candidates else (
-            torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        scores, layers, indices = (torch.cat(parts) for parts in zip(*self._candidates))
         if self._ranked == 0 or scores.numel() == 0:
             kept = torch.zeros(scores.numel(), dtype=torch.bool)
         else:
@@ -165,7 +164,6 @@ class MaskSelector:
             if scores.numel() >= self._ranked:
                 self._floor = threshold
         self._candidates = [(scores[kept], layers[kept], indices[kept])]
-        self._buffered = int(kept.sum())
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Sorted flat int64 indices of the selected entries of every layer."""
