@@ -15,6 +15,8 @@ for its shape bucket (see `hf_speft.kernels.choice`). `$HF_SPEFT_KERNEL` overrid
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -24,7 +26,7 @@ from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
 
 __all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta", "sparse_values_grad",
-           "transposed_positions"]
+           "tokens_last", "transposed_positions"]
 
 kernel_choices = _choice.kernel_choices
 
@@ -45,8 +47,9 @@ def _run(product: str, kernel: str, layout: Layout, operand: torch.Tensor, token
 
 @torch.library.custom_op("hf_speft::sparse_delta", mutates_args=())
 def _forward_op(base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
-                out_features: int, in_features: int, kernel: str) -> torch.Tensor:
-    """base_out + x·Δᵀ for 2-D `base_out` (T, out) and `x` (T, in)."""
+                out_features: int, in_features: int, kernel: str, saved_x: torch.Tensor) -> torch.Tensor:
+    """base_out + x·Δᵀ for 2-D `base_out` (T, out) and `x` (T, in). `saved_x` is x as the backward reads it
+    (`tokens_last(x)` when the values train); the forward does not read it."""
     layout = Layout(*layout, out_features, in_features)
     with torch.autocast(device_type=x.device.type, enabled=False):  # kernels compute in the dtype they choose
 
@@ -57,14 +60,13 @@ def _forward_op(base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, l
 
 
 @_forward_op.register_fake
-def _(base_out, x, values, layout, out_features, in_features, kernel):
+def _(base_out, x, values, layout, out_features, in_features, kernel, saved_x):
     return torch.empty_like(base_out)
 
 
-@torch.library.custom_op("hf_speft::sparse_delta_backward", mutates_args=())
-def _backward_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
-                 out_features: int, in_features: int, need_input_grad: bool, need_values_grad: bool,
-                 kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_products(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
+                       out_features: int, in_features: int, need_input_grad: bool, need_values_grad: bool,
+                       kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(g·Δ, gᵀ·x at the mask) for 2-D `grad` (T, out) and `x` (T, in); an empty tensor for a gradient not needed."""
     layout = Layout(*layout, out_features, in_features)
     prepared: dict[str, object] = {}  # one prepared g per strategy serves both products (csr: one gᵀ copy)
@@ -92,6 +94,9 @@ def _backward_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layo
     return grad_x, grad_values
 
 
+_backward_op = torch.library.custom_op("hf_speft::sparse_delta_backward", mutates_args=())(_backward_products)
+
+
 @_backward_op.register_fake
 def _(grad, x, values, layout, out_features, in_features, need_input_grad, need_values_grad, kernel):
     input_grad = x.new_empty(x.shape) if need_input_grad else grad.new_empty(0)
@@ -100,8 +105,8 @@ def _(grad, x, values, layout, out_features, in_features, need_input_grad, need_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, x, values, layout, out_features, in_features, kernel = inputs
-    ctx.save_for_backward(x, values)
+    _, x, values, layout, out_features, in_features, kernel, saved_x = inputs
+    ctx.save_for_backward(saved_x, values)
     ctx.layout = layout  # the pattern's own tensors, held by the layer: not saved activations
     ctx.options = (out_features, in_features, kernel)
 
@@ -116,7 +121,7 @@ def _backward(ctx, grad):
         grad_x, grad_values = _backward_op(grad, x, values, ctx.layout, out_features, in_features, need_input_grad,
                                            need_values_grad, kernel)
     return (grad if ctx.needs_input_grad[0] else None, grad_x if need_input_grad else None,
-            grad_values if need_values_grad else None, [None] * len(ctx.layout), None, None, None)
+            grad_values if need_values_grad else None, [None] * len(ctx.layout), None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -139,21 +144,55 @@ def sparse_delta(
         return base_out
     _choice.check_available(kernel, x.device)
     out_features, in_features = pattern.shape
-    out = _forward_op(base_out.reshape(-1, out_features), x.reshape(-1, in_features), values,
-                      list(pattern.layout[:6]), out_features, in_features, kernel)
+    x_2d = x.reshape(-1, in_features)
+    saved_x = tokens_last(x) if torch.is_grad_enabled() and values.requires_grad else x_2d
+    out = _forward_op(base_out.reshape(-1, out_features), x_2d, values, list(pattern.layout[:6]), out_features,
+                      in_features, kernel, saved_x)
     return out.reshape(base_out.shape)
+
+
+_last_transposed = threading.local()  # .entry: (weakref to x, x's version, weakref to its copy)
+
+
+def tokens_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` (..., in) as the values' gradient reads it, 2-D (T, in) and detached: a view of a contiguous (in, T) copy,
+    the layout in which every strategy reads x (CSR `sampled_addmm` and the Triton SDDMM walk each feature's tokens
+    contiguously and would otherwise copy x so in the backward; a GEMM takes either). Made in the forward, where x
+    is fresh, and saved for the backward instead of x; forward products read x itself.
+
+    The copy replaces x in memory only where nothing else keeps x: layers called on one input (q, k and v; gate and
+    up) share one copy (the last copy made in this thread is found again by x's identity and version, both held
+    weakly, so nothing outlives its saved use), and an x that is a view into another tensor's storage (attention's
+    output, which attention saves, reaching o_proj) is returned as it is: a copy would add to that storage."""
+    if torch.compiler.is_compiling():  # a trace sees no views or Python state: the copy alone
+        return x.detach().reshape(-1, x.shape[-1]).t().contiguous().t()
+    if x._is_view():
+        return x.detach().reshape(-1, x.shape[-1])
+    entry = getattr(_last_transposed, "entry", None)
+    if entry is not None and entry[0]() is x and entry[1] == x._version:
+        copy = entry[2]()
+        if copy is not None:
+            return copy.t()
+    copy = x.detach().reshape(-1, x.shape[-1]).t().contiguous()
+    _last_transposed.entry = (weakref.ref(x), x._version, weakref.ref(copy))
+    return copy.t()
 
 
 def sparse_values_grad(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern,
                        kernel: str = "auto") -> torch.Tensor:
     """gᵀ·x at the mask, in `values`' dtype and shape: the values' gradient of a delta that is already inside the
     product whose output gradient is `grad` (a fold or a transient merge), by the kernel asked for or the automatic
-    choice, as `sparse_delta`'s backward computes it. Called from a backward: no graph of its own."""
+    choice, as `sparse_delta`'s backward computes it. Called from a backward: no graph of its own. Eager backwards
+    call the op's function directly (the dispatcher's round trip costs more than a small layer's product); a trace,
+    a tensor subclass or a double backward goes through the op."""
     kernel = _choice.requested(kernel)
     if pattern.nnz == 0:
         return torch.zeros_like(values)
     _choice.check_available(kernel, x.device)
     out_features, in_features = pattern.shape
-    _, grad_values = _backward_op(grad.reshape(-1, out_features), x.reshape(-1, in_features), values,
-                                  list(pattern.layout[:6]), out_features, in_features, False, True, kernel)
+    eager = (type(grad) is torch.Tensor and type(x) is torch.Tensor and not torch.is_grad_enabled()
+             and not torch.compiler.is_compiling())
+    _, grad_values = (_backward_products if eager else _backward_op)(
+        grad.reshape(-1, out_features), x.reshape(-1, in_features), values, list(pattern.layout[:6]), out_features,
+        in_features, False, True, kernel)
     return grad_values

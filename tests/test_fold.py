@@ -14,7 +14,7 @@ from testing_common import MODELS, build, inputs_for, logits
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_speft import SparsePeftConfig, fold, sparse_layers
+from hf_speft import SparsePeftConfig, fold, ops, sparse_layers
 
 
 @pytest.fixture
@@ -73,6 +73,29 @@ def assert_same_grads(unfolded, folded, atol=1e-6, rtol=1e-5) -> None:
 def loss_of(model, name="llama", seed=1):
     out = model(**inputs_for(name, seed=seed))
     return out["loss"] if isinstance(out, dict) else out.loss
+
+
+def test_layers_on_one_input_save_one_copy_of_it_and_a_no_grad_forward_none(folds, monkeypatch):
+    """q, k and v (and gate and up) save one shared tokens-last copy of their input for the values' gradient, as
+    they shared one saved x before; o_proj, whose input is a view of attention's output, saves that input itself (a
+    copy would add to what attention keeps); an evaluation forward copies nothing."""
+    copies = []
+    monkeypatch.setattr(fold, "tokens_last", lambda x: copies.append(ops.tokens_last(x)) or copies[-1])
+    _, model = pair()
+    model.train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = loss_of(model)
+    assert folds and len(copies) == 7 * 2  # seven folded layers in each of two decoder layers
+    shared = {copy.data_ptr() for copy in copies}
+    assert len(shared) == 4 * 2  # q/k/v, o, gate/up and down each read one input
+    assert sum(copy.is_contiguous() for copy in copies) == 2  # o_proj's input itself, in each decoder layer
+    assert shared <= {t.data_ptr() for t in saved}
+    loss.backward()
+    copies.clear()
+    with torch.no_grad():
+        loss_of(model)
+    assert not copies
 
 
 # ------------------------------------------------------------------------------------------ W is W0 at every read

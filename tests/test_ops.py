@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
-from hf_speft.ops import SparsePattern, sparse_delta, sparse_values_grad
+from hf_speft import ops
+from hf_speft.ops import SparsePattern, sparse_delta, sparse_values_grad, tokens_last
 
 
 def random_problem(out_features=7, in_features=5, nnz=9, tokens=(3, 4), dtype=torch.float64, seed=0):
@@ -70,15 +74,55 @@ def test_half_precision_inputs_keep_their_dtype_and_float32_values_grads(dtype):
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
 
 
-def test_saves_only_the_input_for_backward():
-    """Nothing weight-sized is kept for backward: the only saved tensors are x and the values."""
+def test_saves_only_the_input_for_backward_in_the_layout_the_values_gradient_reads():
+    """Nothing weight-sized is kept for backward: the only saved tensors are x (as its tokens-last copy, which two
+    products on the same input share) and the values."""
     indices, weight, x, values = random_problem(out_features=64, in_features=32, nnz=40, dtype=torch.float32)
     pattern = SparsePattern(indices, 64, 32)
     base_out = (x @ weight.t()).detach().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         sparse_delta(base_out, x, values, pattern)
-    assert sorted(t.numel() for t in saved) == sorted([x.numel(), values.numel()])
+        sparse_delta(base_out, x, values, pattern)  # a sibling layer on the same input
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), values.numel()] * 2)
+    saved_x = [t for t in saved if t.numel() == x.numel()]
+    assert all(torch.equal(t, x.detach().reshape(-1, 32)) and t.t().is_contiguous() for t in saved_x)
+    assert saved_x[0].data_ptr() == saved_x[1].data_ptr()
+
+
+def test_tokens_last_is_one_detached_copy_per_input_and_version_held_weakly_and_no_copy_of_a_view():
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    first = tokens_last(x)
+    assert first.shape == (6, 5) and first.t().is_contiguous() and not first.requires_grad
+    assert torch.equal(first, x.detach().reshape(6, 5))
+    assert tokens_last(x).data_ptr() == first.data_ptr()
+    assert tokens_last(x.detach().clone()).data_ptr() != first.data_ptr()  # another tensor: its own copy
+    with torch.no_grad():
+        x.add_(1)  # a new version of the same tensor: a new copy with the new values
+    second = tokens_last(x)
+    assert second.data_ptr() != first.data_ptr() and torch.equal(second, x.detach().reshape(6, 5))
+    view = x.detach()[1:]
+    assert tokens_last(view).data_ptr() == view.data_ptr()  # a view into another tensor: x itself, no copy
+    copy = weakref.ref(second._base)
+    del first, second
+    gc.collect()
+    assert copy() is None  # the cache keeps no copy alive once its users dropped it
+
+
+def test_an_eager_backward_computes_the_values_gradient_without_the_dispatcher_grad_mode_with_it(monkeypatch):
+    """The fold's backward calls the op's function directly (a small layer's product costs less than the
+    dispatcher's round trip); with grad mode on (create_graph) it goes through the op, which has no derivative."""
+    indices, weight, x, values = random_problem(dtype=torch.float32)
+    pattern = SparsePattern(indices, 7, 5)
+    grad_out = torch.randn(*x.shape[:-1], 7)
+    through_op = []
+    original = ops._backward_op
+    monkeypatch.setattr(ops, "_backward_op", lambda *args: through_op.append(1) or original(*args))
+    with torch.no_grad():  # as in a backward
+        eager = sparse_values_grad(grad_out, x.detach(), values.detach(), pattern)
+    assert not through_op
+    traced = sparse_values_grad(grad_out, x.detach(), values.detach(), pattern)
+    assert through_op and torch.equal(eager, traced)
 
 
 def test_empty_mask_is_identity():
