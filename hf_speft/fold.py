@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from .integrations.compat import has_call_hooks, is_partitioned
-from .ops import SparsePattern, sparse_values_grad, tokens_last
+from .ops import SparsePattern, input_for_values_grad, sparse_values_grad
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOCKS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # base weight -> the lock its folds take
@@ -109,12 +109,12 @@ class FoldedProduct(torch.autograd.Function):
     the mask; the weight and the written `delta` (the values, and a frozen residual after them) get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, base_layer, positions, delta, pattern, kernel):
+    def forward(ctx, x, weight, bias, values, base_layer, positions, delta, pattern, kernel, x_kept_elsewhere):
         with folded(weight, positions, delta):
             out = _base_product(base_layer, x)
         trains_values = ctx.needs_input_grad[3]
         # the weight and the delta are saved so that a versioned write from outside before backward raises
-        ctx.save_for_backward(weight, delta, tokens_last(x) if trains_values else None,
+        ctx.save_for_backward(weight, delta, input_for_values_grad(x, x_kept_elsewhere) if trains_values else None,
                               values if trains_values else None)
         ctx.positions, ctx.transposed = positions, isinstance(base_layer, Conv1D)
         ctx.pattern, ctx.kernel = pattern, kernel
@@ -123,7 +123,7 @@ class FoldedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        weight, delta, x_tokens_last, values = ctx.saved_tensors
+        weight, delta, saved_x, values = ctx.saved_tensors
         x_dtype, compute_dtype, bias_dtype = ctx.dtypes
         grad_x = grad_bias = grad_values = None
         with torch.autocast(device_type=grad.device.type, enabled=False):  # the forward's dtype, as autocast's
@@ -135,16 +135,18 @@ class FoldedProduct(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(tuple(range(grad.dim() - 1))).to(bias_dtype)
         if ctx.needs_input_grad[3]:
-            grad_values = sparse_values_grad(grad, x_tokens_last, values, ctx.pattern, ctx.kernel)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
+            grad_values = sparse_values_grad(grad, saved_x, values, ctx.pattern, ctx.kernel)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
 
 
 def folded_product(base_layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor,
-                   values: torch.Tensor, pattern: SparsePattern, kernel: str = "auto") -> torch.Tensor:
+                   values: torch.Tensor, pattern: SparsePattern, kernel: str = "auto",
+                   x_kept_elsewhere: bool = False) -> torch.Tensor:
     """`base_layer(x)` computed with the delta (`delta` at the int64 storage `positions`) folded into its weight
     for the product only; differentiable in `x`, a trainable bias and `values` (the trainable entries, at
-    `pattern`'s mask, that begin `delta`: their gradient is gᵀx there, by `kernel`), not in the weight."""
+    `pattern`'s mask, that begin `delta`: their gradient is gᵀx there, by `kernel`), not in the weight.
+    `x_kept_elsewhere`: another op saves x for its backward too (`ops.input_for_values_grad`)."""
     if not torch.is_grad_enabled():
         values = values.detach()  # no gradient wanted (evaluation): the op saves nothing for one
     return FoldedProduct.apply(x, base_layer.weight, base_layer.bias, values, base_layer, positions, delta.detach(),
-                               pattern, kernel)
+                               pattern, kernel, x_kept_elsewhere)

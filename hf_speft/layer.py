@@ -533,7 +533,8 @@ class Linear(nn.Module, SparsePeftLayer):
         values' gradient is gᵀx at the mask), the low-rank part as LoRA adds it."""
         result = folded_product(self.base_layer, x, self._delta_positions(adapter_name),
                                 self._delta_values(adapter_name), self.speft_values.fetch(adapter_name),
-                                self.pattern(adapter_name), self.speft_kernel.get(adapter_name, "auto"))
+                                self.pattern(adapter_name), self.speft_kernel.get(adapter_name, "auto"),
+                                x_kept_elsewhere=adapter_name in self.speft_lora_A)
         if adapter_name in self.speft_lora_A:
             result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result
@@ -541,12 +542,13 @@ class Linear(nn.Module, SparsePeftLayer):
     def _with_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result` plus the adapter's delta applied to `x`: the mask's values, the frozen residual and the low-rank
         part."""
-        kernel = self.speft_kernel.get(adapter_name, "auto")
+        kernel, hybrid = self.speft_kernel.get(adapter_name, "auto"), adapter_name in self.speft_lora_A
         result = sparse_delta(result, x, self.speft_values.fetch(adapter_name), self.pattern(adapter_name),
-                              kernel=kernel)
+                              kernel=kernel, x_kept_elsewhere=hybrid)  # the low-rank part saves x
         if adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]
-            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel)
+            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel,
+                                  x_kept_elsewhere=hybrid)
         if adapter_name in self.speft_lora_A:
             result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result

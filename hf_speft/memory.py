@@ -186,8 +186,10 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
         values = nn.Parameter(torch.empty(1, device="meta"))
 
         def forward(x, *args, layer=layer, values=values, **kwargs):
-            out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(layer))
-            return out + layer.low_rank_output("default", x) if "default" in layer.speft_lora_A else out
+            hybrid = "default" in layer.speft_lora_A
+            out = sparse_delta(layer.base_layer(x, *args, **kwargs), x, values, AnyPattern(layer),
+                               x_kept_elsewhere=hybrid)
+            return out + layer.low_rank_output("default", x) if hybrid else out
 
         layer.forward = forward
     return peft_model

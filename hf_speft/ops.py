@@ -26,7 +26,7 @@ from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
 
 __all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta", "sparse_values_grad",
-           "tokens_last", "transposed_positions"]
+           "input_for_values_grad", "transposed_positions"]
 
 kernel_choices = _choice.kernel_choices
 
@@ -49,7 +49,7 @@ def _run(product: str, kernel: str, layout: Layout, operand: torch.Tensor, token
 def _forward_op(base_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
                 out_features: int, in_features: int, kernel: str, saved_x: torch.Tensor) -> torch.Tensor:
     """base_out + x·Δᵀ for 2-D `base_out` (T, out) and `x` (T, in). `saved_x` is x as the backward reads it
-    (`tokens_last(x)` when the values train); the forward does not read it."""
+    (`input_for_values_grad`); the forward does not read it."""
     layout = Layout(*layout, out_features, in_features)
     with torch.autocast(device_type=x.device.type, enabled=False):  # kernels compute in the dtype they choose
 
@@ -133,11 +133,13 @@ def sparse_delta(
     values: torch.Tensor,
     pattern: SparsePattern,
     kernel: str = "auto",
+    x_kept_elsewhere: bool = False,
 ) -> torch.Tensor:
     """Return `base_out + x·Δᵀ` with gradients for `values` only at the mask (and for `x` through Δ).
 
     `kernel` is one of `KERNELS` (`$HF_SPEFT_KERNEL`
     overrides it); an explicit strategy is checked to be runnable on x's device before any work.
+    `x_kept_elsewhere`: another op saves x for its backward too (see `input_for_values_grad`).
     """
     kernel = _choice.requested(kernel)
     if pattern.nnz == 0:
@@ -145,7 +147,8 @@ def sparse_delta(
     _choice.check_available(kernel, x.device)
     out_features, in_features = pattern.shape
     x_2d = x.reshape(-1, in_features)
-    saved_x = tokens_last(x) if torch.is_grad_enabled() and values.requires_grad else x_2d
+    trains = torch.is_grad_enabled() and values.requires_grad
+    saved_x = input_for_values_grad(x, x_kept_elsewhere) if trains else x_2d
     out = _forward_op(base_out.reshape(-1, out_features), x_2d, values, list(pattern.layout[:6]), out_features,
                       in_features, kernel, saved_x)
     return out.reshape(base_out.shape)
@@ -154,19 +157,20 @@ def sparse_delta(
 _last_transposed = threading.local()  # .entry: (weakref to x, x's version, weakref to its copy)
 
 
-def tokens_last(x: torch.Tensor) -> torch.Tensor:
-    """`x` (..., in) as the values' gradient reads it, 2-D (T, in) and detached: a view of a contiguous (in, T) copy,
-    the layout in which every strategy reads x (CSR `sampled_addmm` and the Triton SDDMM walk each feature's tokens
-    contiguously and would otherwise copy x so in the backward; a GEMM takes either). Made in the forward, where x
-    is fresh, and saved for the backward instead of x; forward products read x itself.
+def input_for_values_grad(x: torch.Tensor, x_kept_elsewhere: bool = False) -> torch.Tensor:
+    """`x` (..., in) as the values' gradient will read it, 2-D (T, in) and detached, made in the forward (where x is
+    fresh) and saved for the backward instead of x; forward products read x itself. Where it replaces x in memory,
+    a view of a contiguous (in, T) copy: the layout in which every strategy reads x (CSR `sampled_addmm` and the
+    Triton SDDMM walk each feature's tokens contiguously and would otherwise copy x so in the backward; a GEMM takes
+    either). Layers called on one input (q, k and v; gate and up) share one copy: the last copy made in this thread
+    is found again by x's identity and version, both held weakly, so nothing outlives its saved use.
 
-    The copy replaces x in memory only where nothing else keeps x: layers called on one input (q, k and v; gate and
-    up) share one copy (the last copy made in this thread is found again by x's identity and version, both held
-    weakly, so nothing outlives its saved use), and an x that is a view into another tensor's storage (attention's
-    output, which attention saves, reaching o_proj) is returned as it is: a copy would add to that storage."""
+    x itself where a copy would add to memory instead: when another op saves x too (`x_kept_elsewhere`: the hybrid
+    mode's low-rank part), and when x is a view into another tensor's storage (attention's output, which attention
+    saves, reaching o_proj)."""
     if torch.compiler.is_compiling():  # a trace sees no views or Python state: the copy alone
         return x.detach().reshape(-1, x.shape[-1]).t().contiguous().t()
-    if x._is_view():
+    if x_kept_elsewhere or x._is_view() or x.is_inference():  # an inference tensor has no version to check
         return x.detach().reshape(-1, x.shape[-1])
     entry = getattr(_last_transposed, "entry", None)
     if entry is not None and entry[0]() is x and entry[1] == x._version:

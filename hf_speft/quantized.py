@@ -29,7 +29,7 @@ from torch import nn
 from .integrations.bnb import compute_dtype, compute_weight
 from .integrations.compat import is_cpu_packed
 from .layer import Linear
-from .ops import SparsePattern, sparse_values_grad, tokens_last
+from .ops import SparsePattern, input_for_values_grad, sparse_values_grad
 
 
 def merged_weight(base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor,
@@ -47,15 +47,15 @@ class TransientMergeFn(torch.autograd.Function):
     """x·(dequantize(W0) + Δ)ᵀ (+ bias) in `dtype`, with the input gradient through the same merged weight, rebuilt
     in backward, and gᵀx at the mask for the trainable `values` (which begin `delta`).
 
-    Saves `indices`, `delta` and, when the values train, x (`tokens_last`) and the values (O(nnz) besides x; `delta`
-    is version-checked, so an in-place change between forward and backward raises)."""
+    Saves `indices`, `delta` and, when the values train, x (`input_for_values_grad`) and the values (O(nnz) besides
+    x; `delta` is version-checked, so an in-place change between forward and backward raises)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, bias: Optional[torch.Tensor],
                 base_layer: nn.Module, dtype: torch.dtype, values: torch.Tensor, pattern: SparsePattern,
-                kernel: str) -> torch.Tensor:
+                kernel: str, x_kept_elsewhere: bool) -> torch.Tensor:
         trains_values = ctx.needs_input_grad[6]
-        ctx.save_for_backward(indices, delta, tokens_last(x) if trains_values else None,
+        ctx.save_for_backward(indices, delta, input_for_values_grad(x, x_kept_elsewhere) if trains_values else None,
                               values if trains_values else None)
         ctx.base_layer = base_layer  # the module, not a tensor: nothing weight-sized stays alive
         ctx.dtypes, ctx.has_bias = (x.dtype, dtype), bias is not None
@@ -64,7 +64,7 @@ class TransientMergeFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        indices, delta, x_tokens_last, values = ctx.saved_tensors
+        indices, delta, saved_x, values = ctx.saved_tensors
         x_dtype, dtype = ctx.dtypes
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
@@ -72,8 +72,8 @@ class TransientMergeFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad.to(dtype).reshape(-1, grad.shape[-1]).sum(0)
         if ctx.needs_input_grad[6]:
-            grad_values = sparse_values_grad(grad, x_tokens_last, values, ctx.pattern, ctx.kernel)
-        return grad_x, None, None, grad_bias, None, None, grad_values, None, None
+            grad_values = sparse_values_grad(grad, saved_x, values, ctx.pattern, ctx.kernel)
+        return grad_x, None, None, grad_bias, None, None, grad_values, None, None, None
 
 
 def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def transient_merge(layer: Linear, adapter_name: str, x: torch.Tensor) -> torch.
     if not torch.is_grad_enabled():
         values = values.detach()  # no gradient wanted (evaluation): the op saves nothing for one
     result = TransientMergeFn.apply(x, indices, delta, bias, base_layer, dtype, values, layer.pattern(adapter_name),
-                                    layer.speft_kernel.get(adapter_name, "auto"))
+                                    layer.speft_kernel.get(adapter_name, "auto"), adapter_name in layer.speft_lora_A)
     if adapter_name in layer.speft_lora_A:
         result = result + layer.low_rank_output(adapter_name, x).to(result.dtype)
     return result

@@ -80,7 +80,8 @@ def test_layers_on_one_input_save_one_copy_of_it_and_a_no_grad_forward_none(fold
     they shared one saved x before; o_proj, whose input is a view of attention's output, saves that input itself (a
     copy would add to what attention keeps); an evaluation forward copies nothing."""
     copies = []
-    monkeypatch.setattr(fold, "tokens_last", lambda x: copies.append(ops.tokens_last(x)) or copies[-1])
+    monkeypatch.setattr(fold, "input_for_values_grad",
+                        lambda *args: copies.append(ops.input_for_values_grad(*args)) or copies[-1])
     _, model = pair()
     model.train()
     saved = []
@@ -395,6 +396,27 @@ def test_hybrid_folds_the_sparse_part_and_adds_the_low_rank_part(folds):
     assert folds
     assert_same_grads(unfolded, folded)
     assert any("speft_lora_A" in name for name in trainable_grads(folded))
+
+
+def test_the_hybrid_saves_x_itself_for_the_values_gradient_as_its_low_rank_part_does(folds):
+    """Where the low-rank part saves x anyway, a tokens-last copy would add to memory: folded or not, the hybrid
+    saves no more for backward than the same model saving x itself, while the sparse-only model saves the same
+    with or without its copies (they replace x)."""
+    from hf_speft.memory import saved_for_backward_bytes
+
+    def saved(model, keep_x):
+        original = ops.input_for_values_grad
+        plain = (lambda x, *_: x.detach().reshape(-1, x.shape[-1])) if keep_x else original
+        try:
+            fold.input_for_values_grad = ops.input_for_values_grad = plain
+            return saved_for_backward_bytes(model.train(), inputs_for("llama"))
+        finally:
+            fold.input_for_values_grad = ops.input_for_values_grad = original
+
+    for options in ({"lora_r": 1, "lora_alpha": 1, "match_lora_rank": 2, "density": None}, {}):
+        for model in pair(**options):
+            assert saved(model, keep_x=False) == saved(model, keep_x=True)
+    assert folds
 
 
 # ------------------------------------------------------------------------------------------- trainers, dynamic masks

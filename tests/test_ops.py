@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_speft import ops
-from hf_speft.ops import SparsePattern, sparse_delta, sparse_values_grad, tokens_last
+from hf_speft.ops import SparsePattern, sparse_delta, sparse_values_grad, input_for_values_grad
 
 
 def random_problem(out_features=7, in_features=5, nnz=9, tokens=(3, 4), dtype=torch.float64, seed=0):
@@ -90,19 +90,19 @@ def test_saves_only_the_input_for_backward_in_the_layout_the_values_gradient_rea
     assert saved_x[0].data_ptr() == saved_x[1].data_ptr()
 
 
-def test_tokens_last_is_one_detached_copy_per_input_and_version_held_weakly_and_no_copy_of_a_view():
+def test_the_values_gradient_input_is_one_detached_copy_per_input_and_version_held_weakly():
     x = torch.randn(2, 3, 5, requires_grad=True)
-    first = tokens_last(x)
+    first = input_for_values_grad(x)
     assert first.shape == (6, 5) and first.t().is_contiguous() and not first.requires_grad
     assert torch.equal(first, x.detach().reshape(6, 5))
-    assert tokens_last(x).data_ptr() == first.data_ptr()
-    assert tokens_last(x.detach().clone()).data_ptr() != first.data_ptr()  # another tensor: its own copy
+    assert input_for_values_grad(x).data_ptr() == first.data_ptr()
+    assert input_for_values_grad(x.detach().clone()).data_ptr() != first.data_ptr()  # another tensor: its own copy
     with torch.no_grad():
         x.add_(1)  # a new version of the same tensor: a new copy with the new values
-    second = tokens_last(x)
+    second = input_for_values_grad(x)
     assert second.data_ptr() != first.data_ptr() and torch.equal(second, x.detach().reshape(6, 5))
     view = x.detach()[1:]
-    assert tokens_last(view).data_ptr() == view.data_ptr()  # a view into another tensor: x itself, no copy
+    assert input_for_values_grad(view).data_ptr() == view.data_ptr()  # a view into another tensor: x itself, no copy
     copy = weakref.ref(second._base)
     del first, second
     gc.collect()

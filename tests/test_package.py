@@ -132,6 +132,19 @@ def test_the_short_run_table_counts_every_step_and_salience(monkeypatch):
     assert table[2] == "| speft | 40 | 110 | 1.10 | 2.60 | 1.04 | 20.0 | 1.30 |" and table[3].endswith("| 1.00 |")
 
 
+def test_speed_tables_name_the_machine_their_rows_came_from(monkeypatch):
+    """Every harness row records `machine()`; a table names it once, or says it is missing when rows lack it or
+    disagree (figures from two machines must not pass as one)."""
+    harness, tables = _benchmark_module("harness", monkeypatch), _benchmark_module("tables", monkeypatch)
+    where = harness.machine()
+    assert where["cores"] >= 1 and isinstance(where["avx512_bf16"], bool) and where["torch_cpu_capability"]
+    line = tables._measured_on([{"machine": where}, {"machine": where}])
+    assert f"CPU capability {where['torch_cpu_capability']}" in line and where["cpu"] in line
+    other = {**where, "avx512_bf16": not where["avx512_bf16"]}
+    for rows in ([{"machine": where}, {"machine": other}], [{"machine": where}, {}]):
+        assert "not recorded" in tables._measured_on(rows)
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["estimate", "--help"], ["estimate"], ["merge", "a", "b", "c", "--dtype",
                                                                                     "int3"]])
 def test_the_command_line_parser_imports_neither_torch_nor_transformers(argv):
