@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,20 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
+
+
+def machine() -> dict:
+    """The machine a figure came from: CPU model, cores and threads, torch's CPU capability and whether the CPU
+    multiplies bf16 natively (AVX512-BF16, AMX), which sets bf16's speed against fp32's."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor())
+    flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    return {"cpu": model, "cores": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def rss_bytes() -> int:
@@ -117,7 +132,8 @@ def parser_for(doc: str, methods: list[str], output_name: str) -> argparse.Argum
 def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthrough: list[str],
         ratio_fields: list[str]) -> tuple[argparse.Namespace, list[dict[str, dict]]]:
     """Parse; as a worker, print `worker(method, args)` as JSON and exit. Otherwise run the rounds (each method in a
-    fresh process), add `<field>/lora` ratios, write JSON lines to --output and return (args, rounds)."""
+    fresh process), add `<field>/lora` ratios, write JSON lines (with the `machine()`) to --output and return (args,
+    rounds)."""
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
@@ -140,10 +156,11 @@ def run(parser: argparse.ArgumentParser, script: str, worker: Callable, passthro
                 result[f"{field}/lora"] = result[field] / results["lora"][field] if results["lora"][field] else None
         rounds.append(results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    where = machine()
     with open(args.output, "w") as f:
         for round_index, results in enumerate(rounds):
             for result in results.values():
-                f.write(json.dumps({"round": round_index + 1, **result, "config": vars(args)}) + "\n")
+                f.write(json.dumps({"round": round_index + 1, **result, "config": vars(args), "machine": where}) + "\n")
     print(f"\nmedian over {args.rounds} interleaved rounds (ratios to LoRA in the same round):")
     return args, rounds
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -410,18 +409,9 @@ def summarize(runs: list[dict], names: list[str], rate_of: dict[str, float | Non
     return rows
 
 
-def machine() -> dict:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return {"cpu": model, "cores": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
 def report(args: argparse.Namespace, runs: list[dict], total: int) -> dict:
+    from harness import machine
+
     rates = {name: chosen_rate(runs, name) for name in args.methods}
     ablation_rate = rates.get("speft-gradient")
     rates_all = {**rates, **{name: ablation_rate for name in ABLATIONS}}

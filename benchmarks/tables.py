@@ -52,8 +52,20 @@ def _medians(rows: list[dict]) -> dict[str, dict[str, float]]:
             for method, members in methods.items()}
 
 
+def _measured_on(rows: list[dict]) -> str:
+    """A line naming the machine the rows came from (`harness.machine()`), or naming that it was not recorded."""
+    machines = {json.dumps(row.get("machine"), sort_keys=True) for row in rows}
+    if len(machines) != 1 or not rows[0].get("machine"):
+        return "\n\nMachine: not recorded (or not the same) in every row of these results."
+    where = rows[0]["machine"]
+    bf16 = "multiplies bf16 natively (AVX512-BF16)" if where["avx512_bf16"] or where["amx"] else "no native bf16"
+    return (f"\n\nMachine: {where['cpu']}, {where['cores']} cores, torch {where['torch']} with "
+            f"{where['threads']} threads, CPU capability {where['torch_cpu_capability']}, {bf16}.")
+
+
 def memory_speed(name: str) -> str:
-    medians = _medians(_lines(name))
+    rows = _lines(name)
+    medians = _medians(rows)
     lines = ["| method | trainable | step s | step ÷LoRA | no-grad forward ÷LoRA | peak extra RSS ÷LoRA | "
              "optimizer state ÷LoRA | saved-for-backward ÷LoRA |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, row in medians.items():
@@ -61,7 +73,7 @@ def memory_speed(name: str) -> str:
                      f"{row['step_time_s']:.3f} | {row['step_time_s/lora']:.2f} | {row['inference_time_s/lora']:.2f} | "
                      f"{row['peak_extra_rss_bytes/lora']:.2f} | {row['optimizer_state_bytes/lora']:.2f} | "
                      f"{row['saved_for_backward_bytes/lora']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + _measured_on(rows)
 
 
 QUANTIZED_BASES = {"8bit": "8-bit", "4bit": "4-bit", "4bit_packed": "4-bit, packed CPU layout"}
@@ -172,8 +184,10 @@ def salience_share() -> str:
 def real_model_speed() -> str:
     from real_model import speed_table
 
-    measured = (RESULTS / "real_model_speed.jsonl").is_file()
-    return speed_table(_medians(_lines("real_model_speed.jsonl")) if measured else {})
+    if not (RESULTS / "real_model_speed.jsonl").is_file():
+        return speed_table({})
+    rows = _lines("real_model_speed.jsonl")
+    return speed_table(_medians(rows)) + _measured_on(rows)
 
 
 def real_model_short_run() -> str:
@@ -181,7 +195,8 @@ def real_model_short_run() -> str:
 
     if not (RESULTS / "real_model_short_run.jsonl").is_file():
         return "Not run yet."
-    return short_run_table(_medians(_lines("real_model_short_run.jsonl")))
+    rows = _lines("real_model_short_run.jsonl")
+    return short_run_table(_medians(rows)) + _measured_on(rows)
 
 
 def quality_lm() -> str:
