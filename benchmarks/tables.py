@@ -63,6 +63,18 @@ def _measured_on(rows: list[dict]) -> str:
             f"{where['threads']} threads, CPU capability {where['torch_cpu_capability']}, {bf16}.")
 
 
+def _round_ratios(rows: list[dict], names: dict[str, str] | None = None) -> str:
+    """A line giving each method's step ratio to LoRA round by round (the spread behind the medians), each method
+    under its table name."""
+    methods: dict[str, list[str]] = {}
+    for row in rows:
+        if row["method"] != "lora":
+            methods.setdefault(row["method"], []).append(f"{row['step_time_s/lora']:.2f}")
+    names = names or {}
+    return "\n\nStep ÷LoRA by round: " + "; ".join(f"{names.get(method, method)} {', '.join(ratios)}"
+                                                   for method, ratios in methods.items()) + "."
+
+
 def memory_speed(name: str) -> str:
     rows = _lines(name)
     medians = _medians(rows)
@@ -73,7 +85,7 @@ def memory_speed(name: str) -> str:
                      f"{row['step_time_s']:.3f} | {row['step_time_s/lora']:.2f} | {row['inference_time_s/lora']:.2f} | "
                      f"{row['peak_extra_rss_bytes/lora']:.2f} | {row['optimizer_state_bytes/lora']:.2f} | "
                      f"{row['saved_for_backward_bytes/lora']:.2f} |")
-    return "\n".join(lines) + _measured_on(rows)
+    return "\n".join(lines) + _round_ratios(rows, METHOD_NAMES) + _measured_on(rows)
 
 
 QUANTIZED_BASES = {"8bit": "8-bit", "4bit": "4-bit", "4bit_packed": "4-bit, packed CPU layout"}
@@ -187,7 +199,7 @@ def real_model_speed() -> str:
     if not (RESULTS / "real_model_speed.jsonl").is_file():
         return speed_table({})
     rows = _lines("real_model_speed.jsonl")
-    return speed_table(_medians(rows)) + _measured_on(rows)
+    return speed_table(_medians(rows)) + _round_ratios(rows) + _measured_on(rows)
 
 
 def real_model_short_run() -> str:

@@ -145,6 +145,14 @@ def test_speed_tables_name_the_machine_their_rows_came_from(monkeypatch):
         assert "not recorded" in tables._measured_on(rows)
 
 
+def test_speed_tables_give_the_round_by_round_ratios_behind_their_medians(monkeypatch):
+    tables = _benchmark_module("tables", monkeypatch)
+    rows = [{"method": method, "step_time_s/lora": ratio}
+            for method, ratio in [("lora", 1.0), ("speft", 1.234), ("lora", 1.0), ("speft", 0.97)]]
+    assert tables._round_ratios(rows).strip() == "Step ÷LoRA by round: speft 1.23, 0.97."
+    assert "**hf-speft** 1.23, 0.97" in tables._round_ratios(rows, tables.METHOD_NAMES)
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["estimate", "--help"], ["estimate"], ["merge", "a", "b", "c", "--dtype",
                                                                                     "int3"]])
 def test_the_command_line_parser_imports_neither_torch_nor_transformers(argv):
