@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .integrations.compat import is_view
 from .kernels import KERNELS
 from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
@@ -170,7 +171,7 @@ def input_for_values_grad(x: torch.Tensor, x_kept_elsewhere: bool = False) -> to
     saves, reaching o_proj)."""
     if torch.compiler.is_compiling():  # a trace sees no views or Python state: the copy alone
         return x.detach().reshape(-1, x.shape[-1]).t().contiguous().t()
-    if x_kept_elsewhere or x._is_view() or x.is_inference():  # an inference tensor has no version to check
+    if x_kept_elsewhere or is_view(x) or x.is_inference():  # an inference tensor has no version to check
         return x.detach().reshape(-1, x.shape[-1])
     entry = getattr(_last_transposed, "entry", None)
     if entry is not None and entry[0]() is x and entry[1] == x._version:

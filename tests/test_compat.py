@@ -443,6 +443,15 @@ def test_the_scan_allows_tuner_hooks_and_own_private_names():
     assert violations(tree, own_names([tree]), upstream_members()) == []
 
 
+# --------------------------------------------------------------------------------------------------------- torch
+def test_contract_is_view():
+    storage = torch.zeros(4, 3)
+    for view in (storage[1:], storage.t(), storage.reshape(12), storage.transpose(0, 1).contiguous().t()):
+        contract(compat.is_view(view), "torch no longer marks views with Tensor._is_view()")
+    for fresh in (storage, storage.t().contiguous(), storage * 2):
+        contract(not compat.is_view(fresh), "torch's Tensor._is_view() is true for a tensor that owns its storage")
+
+
 # ---------------------------------------------------------------------------------------------------- accelerate
 def test_contract_has_accelerate_hook():
     from accelerate import cpu_offload

@@ -44,6 +44,7 @@ RELIANCES: dict[str, tuple[str, ...]] = {
                        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                        "_global_backward_pre_hooks"),
     "has_accelerate_hook": ("_hf_hook",),
+    "is_view": ("_is_view",),
 }
 
 # The tuner hooks SPEFT overrides, calls or sets (peft's documented extension points; not moved here): "Owner.name"
@@ -65,6 +66,14 @@ TUNER_HOOKS: dict[str, Optional[tuple[str, ...]]] = {
     "BaseTunerLayer._active_adapter": None,
     "BaseTunerLayer._disable_adapters": None,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------- torch
+def is_view(tensor: torch.Tensor) -> bool:
+    """True for a view into another tensor's storage (a slice, transpose or reshape that copied nothing): torch
+    answers this only with the private `Tensor._is_view()` (and `_base`). The values' gradient saves such an input
+    itself rather than a copy (`ops.input_for_values_grad`): whoever made the storage may keep it for backward."""
+    return tensor._is_view()
 
 
 # ------------------------------------------------------------------------------------------------------------ peft
