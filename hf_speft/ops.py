@@ -5,7 +5,7 @@ The one public front of the kernel layer (the strategies and the automatic choic
 `sparse_delta` is the autograd entry point; it runs as two `torch.library` custom ops, so torch.compile, FSDP2 and
 DeepSpeed see ordinary ops:
 - `hf_speft::sparse_delta` returns `base_out + x·Δᵀ` (the forward correction) and saves nothing for backward but
-  the input `x` (and the values, a parameter);
+  the input x, in the layout the values' gradient reads (`input_for_values_grad`), and the values (a parameter);
 - `hf_speft::sparse_delta_backward` returns the input gradient g·Δ and the values' gradient (gᵀ·x at the mask only,
   an SDDMM). `sparse_values_grad` runs its second half alone, for a delta already in the product (a fold or a
   transient merge: `hf_speft.fold`, `hf_speft.quantized`).
@@ -26,8 +26,8 @@ from .kernels import KERNELS
 from .kernels import choice as _choice
 from .kernels.pattern import Layout, SparsePattern, index_dtype_for, transposed_positions
 
-__all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "kernel_choices", "sparse_delta", "sparse_values_grad",
-           "input_for_values_grad", "transposed_positions"]
+__all__ = ["KERNELS", "SparsePattern", "index_dtype_for", "input_for_values_grad", "kernel_choices", "sparse_delta",
+           "sparse_values_grad", "transposed_positions"]
 
 kernel_choices = _choice.kernel_choices
 
@@ -169,9 +169,11 @@ def input_for_values_grad(x: torch.Tensor, x_kept_elsewhere: bool = False) -> to
     x itself where a copy would add to memory instead: when another op saves x too (`x_kept_elsewhere`: the hybrid
     mode's low-rank part), and when x is a view into another tensor's storage (attention's output, which attention
     saves, reaching o_proj)."""
+    if x_kept_elsewhere:
+        return x.detach().reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():  # a trace sees no views or Python state: the copy alone
         return x.detach().reshape(-1, x.shape[-1]).t().contiguous().t()
-    if x_kept_elsewhere or is_view(x) or x.is_inference():  # an inference tensor has no version to check
+    if is_view(x) or x.is_inference():  # an inference tensor has no version to check
         return x.detach().reshape(-1, x.shape[-1])
     entry = getattr(_last_transposed, "entry", None)
     if entry is not None and entry[0]() is x and entry[1] == x._version:
