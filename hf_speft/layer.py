@@ -547,9 +547,8 @@ class Linear(nn.Module, SparsePeftLayer):
                               kernel=kernel, x_kept_elsewhere=hybrid)  # the low-rank part saves x
         if adapter_name in self.speft_residual_indices:
             residual = self.speft_residual_values[adapter_name]
-            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel,
-                                  x_kept_elsewhere=hybrid)
-        if adapter_name in self.speft_lora_A:
+            result = sparse_delta(result, x, residual, self.pattern(adapter_name, residual=True), kernel=kernel)
+        if hybrid:
             result = result + self.low_rank_output(adapter_name, x).to(result.dtype)
         return result
 
