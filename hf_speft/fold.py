@@ -93,10 +93,10 @@ def folded(weight: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) 
     with _lock(weight):
         original = flat.index_select(0, positions)
         try:
-            flat.scatter_(0, positions, entries_with_delta(original, values))  # positions are unique: deterministic
+            flat.index_copy_(0, positions, entries_with_delta(original, values))  # positions are unique: deterministic
             yield
         finally:
-            flat.scatter_(0, positions, original)
+            flat.index_copy_(0, positions, original)
 
 
 def _base_product(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
