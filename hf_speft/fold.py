@@ -90,6 +90,7 @@ def folded(weight: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) 
     """W[positions] = W0[positions] + values (`entries_with_delta`) for the block's duration, then W0's own bits
     again, whatever the block raises. A per-weight lock keeps two threads from saving each other's fold as W0."""
     flat = weight.data.view(-1)
+    positions = positions.to(torch.int64)  # what index_copy_ (the fastest indexed write) takes; held as int32
     with _lock(weight):
         original = flat.index_select(0, positions)
         try:
@@ -142,7 +143,7 @@ class FoldedProduct(torch.autograd.Function):
 def folded_product(base_layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor,
                    values: torch.Tensor, pattern: SparsePattern, kernel: str = "auto",
                    x_kept_elsewhere: bool = False) -> torch.Tensor:
-    """`base_layer(x)` computed with the delta (`delta` at the int64 storage `positions`) folded into its weight
+    """`base_layer(x)` computed with the delta (`delta` at the storage `positions`) folded into its weight
     for the product only; differentiable in `x`, a trainable bias and `values` (the trainable entries, at
     `pattern`'s mask, that begin `delta`: their gradient is gᵀx there, by `kernel`), not in the weight.
     `x_kept_elsewhere`: another op saves x for its backward too (`ops.input_for_values_grad`)."""

@@ -376,17 +376,19 @@ class SparsePeftLayer(BaseTunerLayer):
         if cached is not None and len(cached[0]) == len(parts) and all(
                 part is held and part._version == version for part, (held, version) in zip(parts, cached[0])):
             return cached[1]
-        positions = self.storage_positions(torch.cat([part.to(torch.int64) for part in parts]))
+        positions = self.storage_positions(parts[0] if len(parts) == 1 else torch.cat(parts))
         if not any(part.is_inference() for part in parts):
             self._positions[adapter_name] = ([(part, part._version) for part in parts], positions)
         return positions
 
     def storage_positions(self, indices: torch.Tensor) -> torch.Tensor:
-        """int64 positions of logical (row-major (out, in)) `indices` in the base weight's own storage (Conv1D
-        stores Wᵀ)."""
+        """Positions of logical (row-major (out, in)) `indices` in the base weight's own storage (Conv1D stores Wᵀ),
+        in the weight's index dtype (`index_dtype_for`): for an `nn.Linear` index buffer of that dtype, the buffer
+        itself."""
+        dtype = index_dtype_for(self.out_features * self.in_features)
         if self.fan_in_fan_out:
-            return transposed_positions(indices, self.out_features, self.in_features)
-        return indices.to(torch.int64)
+            return transposed_positions(indices, self.out_features, self.in_features).to(dtype)
+        return indices.to(dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta in the base weight's layout (allocates a weight-sized tensor: for inspection/merging);
@@ -431,7 +433,7 @@ class SparsePeftLayer(BaseTunerLayer):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                 )
-            flat.scatter_(0, positions, merged)  # positions are unique: the same writes as flat[positions] = merged
+            flat.index_put_((positions,), merged)  # positions are unique: W0+Δ at the mask, as a fold writes it
             if low_rank is not None:  # restored by subtraction, as LoRA's unmerge does
                 self.get_base_layer().weight.data += low_rank.to(flat.dtype)
             self._merge_originals[adapter_name] = (positions, original)
@@ -454,7 +456,7 @@ class SparsePeftLayer(BaseTunerLayer):
             low_rank = self._low_rank_in_base_layout(adapter_name)
             if low_rank is not None:
                 self.get_base_layer().weight.data -= low_rank.to(original.dtype)
-            flat_weight(self.get_base_layer()).scatter_(0, positions, original)
+            flat_weight(self.get_base_layer()).index_put_((positions,), original)
 
     def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> None:
         """Dequantize, add the delta, requantize (warns); the original quantized weight is kept for `unmerge`."""

@@ -102,7 +102,8 @@ def estimate_memory(
     if zero_stage == 3:
         base //= num_gpus
         adapter_weights //= num_gpus
-    layout = _speft_layout_bytes(model) if method in SPEFT_METHODS else 0  # buffers: ZeRO does not shard them
+    # buffers, which ZeRO does not shard; a ZeRO-3 base cannot fold, so its layers also hold Δᵀ's layout
+    layout = _speft_layout_bytes(model, transposed=zero_stage == 3) if method in SPEFT_METHODS else 0
     traced = (lambda m: _as_traced_speft(wrap(m))) if method in SPEFT_METHODS else wrap
     activations = _activation_bytes(config, weight_dtype, traced, seq_len, batch_size, gradient_checkpointing)
     return MemoryEstimate(method, trainable_params, base, adapter_weights + layout, gradients, optimizer, activations)
@@ -180,7 +181,9 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
 
         def __init__(self, layer: nn.Module) -> None:
             self.shape = (layer.out_features, layer.in_features)
-            self.layout = [torch.zeros(1, dtype=torch.int64, device="meta")] * 6
+
+        def layout_for(self, input_grad: bool) -> list[torch.Tensor]:
+            return [torch.zeros(1, dtype=torch.int64, device="meta")] * 6
 
     for layer in sparse_layers(peft_model, "default").values():
         values = nn.Parameter(torch.empty(1, device="meta"))
@@ -195,8 +198,9 @@ def _as_traced_speft(peft_model: nn.Module) -> nn.Module:
     return peft_model
 
 
-def _speft_layout_bytes(peft_model: nn.Module) -> int:
-    """Index buffers and the cached CSR layout of a SPEFT adapter's budget, spread over its layers by size."""
+def _speft_layout_bytes(peft_model: nn.Module, transposed: bool) -> int:
+    """Index buffers and the cached CSR layout of a SPEFT adapter's budget, spread over its layers by size; Δᵀ's
+    layout too where `transposed` (unfolded layers)."""
     from .masking import local_budgets
     from .model import sparse_layers
     from .ops import SparsePattern
@@ -204,7 +208,7 @@ def _speft_layout_bytes(peft_model: nn.Module) -> int:
     layers = sparse_layers(peft_model, "default")
     counts = local_budgets({name: layer.out_features * layer.in_features for name, layer in layers.items()},
                            _speft_budget(peft_model))
-    return sum(SparsePattern.state_bytes(counts[name], layer.out_features, layer.in_features)
+    return sum(SparsePattern.state_bytes(counts[name], layer.out_features, layer.in_features, transposed)
                for name, layer in layers.items())
 
 

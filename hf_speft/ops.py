@@ -150,7 +150,8 @@ def sparse_delta(
     x_2d = x.reshape(-1, in_features)
     trains = torch.is_grad_enabled() and values.requires_grad
     saved_x = input_for_values_grad(x, x_kept_elsewhere) if trains else x_2d
-    out = _forward_op(base_out.reshape(-1, out_features), x_2d, values, list(pattern.layout[:6]), out_features,
+    layout = pattern.layout_for(input_grad=torch.is_grad_enabled() and x.requires_grad)
+    out = _forward_op(base_out.reshape(-1, out_features), x_2d, values, list(layout[:6]), out_features,
                       in_features, kernel, saved_x)
     return out.reshape(base_out.shape)
 
@@ -199,7 +200,8 @@ def sparse_values_grad(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor
     out_features, in_features = pattern.shape
     eager = (type(grad) is torch.Tensor and type(x) is torch.Tensor and not torch.is_grad_enabled()
              and not torch.compiler.is_compiling())
+    layout = list(pattern.layout_for(input_grad=False)[:6])
     _, grad_values = (_backward_products if eager else _backward_op)(
-        grad.reshape(-1, out_features), x.reshape(-1, in_features), values, list(pattern.layout[:6]), out_features,
-        in_features, False, True, kernel)
+        grad.reshape(-1, out_features), x.reshape(-1, in_features), values, layout, out_features, in_features, False,
+        True, kernel)
     return grad_values

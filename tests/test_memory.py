@@ -55,26 +55,48 @@ def test_counts_and_state_bytes_match_a_real_model(method):
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "speft_" not in name)
     assert estimate.base_weight_bytes == frozen + (sum(p.numel() * 4 for p in trainable) if method == "full" else 0)
-    if method.startswith("speft"):  # values (+ the hybrid's low-rank pair) + index buffers + the CSR layout
+    if method.startswith("speft"):  # values (+ the hybrid's low-rank pair) + what the layers hold to index them
         layers = sparse_layers(model, "default").values()
-        held = sum(layer.speft_indices["default"].numel() * layer.speft_indices["default"].element_size()
-                   + layer.speft_values["default"].numel() * 4 for layer in layers)
+        held = sum(layer.speft_values["default"].numel() * 4 + index_state_bytes(layer) for layer in layers)
         held += sum(p.numel() * 4 for n, p in model.named_parameters() if "speft_lora_" in n)
-        held += sum(layout_bytes(pattern) for layer in layers for pattern in layer._patterns.values())
         assert estimate.adapter_bytes == held
 
 
-def layout_bytes(pattern: SparsePattern) -> int:
-    """Bytes a pattern holds besides the layer's index buffer (which it references)."""
-    tensors = [pattern.crow, pattern.col, pattern.transposed_order, pattern.transposed_crow, pattern.transposed_col]
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+def tensors_of(holder) -> list[torch.Tensor]:
+    """The tensors an object's attributes hold, directly or in a tuple."""
+    values = [v for value in vars(holder).values() for v in (value if isinstance(value, tuple) else (value,))]
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def index_state_bytes(layer) -> int:
+    """Bytes of the distinct storages a trained layer holds to index its delta: the index buffer, the cached CSR
+    layouts and the fold's storage positions (which, for an nn.Linear, are the index buffer itself)."""
+    tensors = [layer.speft_indices["default"], *(positions for _, positions in layer._positions.values())]
+    tensors += [tensor for pattern in layer._patterns.values() for tensor in tensors_of(pattern)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}.values())
 
 
 def test_sparse_layout_bytes_formula_matches_the_layout():
     indices = torch.randperm(48 * 40)[:300].sort().values.int()
     pattern = SparsePattern(indices, 48, 40)
     assert pattern.indices is indices  # the layer's buffer, not a copy
-    assert SparsePattern.state_bytes(300, 48, 40) == layout_bytes(pattern) + 300 * 4  # + the layer's index buffer
+
+    def held() -> int:
+        return sum(t.numel() * t.element_size() for t in tensors_of(pattern) if t is not indices)
+
+    assert SparsePattern.state_bytes(300, 48, 40) == held() + 300 * 4  # + the layer's index buffer
+    pattern.layout_for(input_grad=False)  # a fold's values' gradient, a forward: Δᵀ's layout is not derived
+    assert SparsePattern.state_bytes(300, 48, 40) == held() + 300 * 4
+    pattern.layout_for(input_grad=True)  # an unfolded layer's input gradient derives it once
+    assert SparsePattern.state_bytes(300, 48, 40, transposed=True) == held() + 300 * 4
+
+
+def test_a_folded_linear_layer_holds_no_copy_of_its_indices():
+    model, _ = trained_one_step("speft", tiny_config())
+    for layer in sparse_layers(model, "default").values():
+        indices = layer.speft_indices["default"]
+        assert all(positions is indices for _, positions in layer._positions.values())
+        assert index_state_bytes(layer) == SparsePattern.state_bytes(indices.numel(), *layer._patterns["default"].shape)
 
 
 @pytest.mark.parametrize(("folder", "published"), [("llama3_8b", 8_030_261_248), ("qwen2_7b", 7_615_616_512),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,31 +41,35 @@ class Layout(NamedTuple):
 class SparsePattern:
     """The CSR layout of a sparse (out_features, in_features) delta whose flat row-major indices are sorted.
 
-    Holds `indices` itself (the layer's buffer, not a copy) and derives O(nnz + rows + cols) CSR structures of Δ and
-    Δᵀ from it once; the mask is static between updates, so every kernel call reuses them."""
+    Holds `indices` itself (the layer's buffer, not a copy) and derives O(nnz + rows + cols) CSR structures from it
+    once; the mask is static between updates, so every kernel call reuses them. Δᵀ's structures are derived on the
+    first `layout` that needs them: only the input gradient through an unfolded delta reads Δᵀ, so a folded layer
+    (the default) never holds them."""
 
     def __init__(self, indices: torch.Tensor, out_features: int, in_features: int) -> None:
         self.shape = (out_features, in_features)
         self.nnz = indices.numel()
         self.indices = indices
-        index_dtype = index_dtype_for(out_features * in_features)
-        flat = indices.to(torch.int64)
-        rows = torch.div(flat, in_features, rounding_mode="floor")
-        cols = flat - rows * in_features
-        self.crow = self._compressed(rows, out_features).to(index_dtype)
-        self.col = cols.to(index_dtype)
-        # Δᵀ's CSR structure: column-major order of the entries
-        self.transposed_order = torch.argsort(cols * out_features + rows).to(index_dtype)
-        self.transposed_crow = self._compressed(cols, in_features).to(index_dtype)
-        self.transposed_col = rows[self.transposed_order].to(index_dtype)
+        self.index_dtype = index_dtype_for(out_features * in_features)
+        rows, cols = self._rows_and_columns()
+        self.crow = self._compressed(rows, out_features).to(self.index_dtype)
+        self.col = cols.to(self.index_dtype)
+        self._transposed: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._no_transposed = (self.crow.new_empty(0),) * 3  # stands in for Δᵀ where no product reads it
 
     @staticmethod
-    def state_bytes(nnz: int, out_features: int, in_features: int) -> int:
+    def state_bytes(nnz: int, out_features: int, in_features: int, transposed: bool = False) -> int:
         """Bytes a SPEFT layer keeps for a mask of `nnz` entries besides its values: the flat index buffer plus this
-        layout (its CSR structures)."""
+        layout's CSR structures of Δ, and of Δᵀ when `transposed` (an unfolded layer trained with an input
+        gradient)."""
         index = index_dtype_for(out_features * in_features).itemsize
-        pointers = (out_features + 1 + in_features + 1) * index
-        return nnz * 4 * index + pointers
+        pointers = (out_features + 1 + (in_features + 1 if transposed else 0)) * index
+        return nnz * (4 if transposed else 2) * index + pointers
+
+    def _rows_and_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.indices.to(torch.int64)
+        rows = torch.div(flat, self.shape[1], rounding_mode="floor")
+        return rows, flat - rows * self.shape[1]
 
     @staticmethod
     def _compressed(major: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,14 +77,29 @@ class SparsePattern:
         pointers[1:] = torch.bincount(major, minlength=size).cumsum(0)
         return pointers
 
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Δᵀ's CSR structure (crow, col) and `order`, Δᵀ's entries in index order (the column-major order of Δ's
+        entries), derived on first use and kept."""
+        if self._transposed is None:
+            rows, cols = self._rows_and_columns()
+            order = torch.argsort(cols * self.shape[0] + rows)
+            self._transposed = (self._compressed(cols, self.shape[1]).to(self.index_dtype),
+                                rows[order].to(self.index_dtype), order.to(self.index_dtype))
+        return self._transposed
+
+    def layout_for(self, input_grad: bool) -> Layout:
+        """The tensors a kernel reads; Δᵀ's only when the product computes an input gradient through Δ."""
+        t_crow, t_col, t_order = self.transposed() if input_grad else self._no_transposed
+        return Layout(self.indices, self.crow, self.col, t_crow, t_col, t_order, *self.shape)
+
     @property
     def layout(self) -> Layout:
-        return Layout(self.indices, self.crow, self.col, self.transposed_crow, self.transposed_col,
-                      self.transposed_order, *self.shape)
+        """Every structure, Δᵀ's included."""
+        return self.layout_for(input_grad=True)
 
     def delta(self, values: torch.Tensor) -> torch.Tensor:
         """Δ as a CSR tensor of shape (out_features, in_features)."""
-        return csr_delta(self.layout, values)
+        return csr_delta(self.layout_for(input_grad=False), values)
 
 
 def csr_delta(layout: Layout, values: torch.Tensor) -> torch.Tensor:
