@@ -70,7 +70,7 @@ def measure_training(model, args) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB_SIZE, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     saved_bytes = saved_for_backward_bytes(model, batch)
     rss_before = rss_bytes()
@@ -117,6 +117,30 @@ class PeakGrowth:
 
     def __exit__(self, *exc) -> None:
         self.extra = process_status("VmHWM") - self.before
+
+
+TINY_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY_LLAMA_ARGUMENTS = ["steps", "warmup", "hidden", "layers", "batch", "seq_len"]  # what workers are passed
+VOCAB_SIZE = 8192
+
+
+def add_tiny_llama_arguments(parser: argparse.ArgumentParser, *, hidden: int, layers: int, seq_len: int) -> None:
+    """The training run (`measure_training`) and the tiny Llama (`tiny_llama_config`) a benchmark's workers build."""
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=seq_len)
+
+
+def tiny_llama_config(args: argparse.Namespace, num_attention_heads: int, num_key_value_heads: int):
+    """A Llama of `add_tiny_llama_arguments`' shape (the MLP 2.75x the hidden size, as Llama's)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                       num_hidden_layers=args.layers, num_attention_heads=num_attention_heads,
+                       num_key_value_heads=num_key_value_heads, max_position_embeddings=args.seq_len)
 
 
 def parser_for(doc: str, methods: list[str], output_name: str) -> argparse.ArgumentParser:

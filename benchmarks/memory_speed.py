@@ -15,25 +15,24 @@ as 8B models are trained; the adapters keep peft's float32 trainable weights eit
 
 from __future__ import annotations
 
-from harness import measure_training, parser_for, print_ratio_table, run
+from harness import (TINY_LLAMA_ARGUMENTS, TINY_LLAMA_TARGETS, add_tiny_llama_arguments, measure_training, parser_for,
+                     print_ratio_table, run, tiny_llama_config)
 
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_unfolded"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = TINY_LLAMA_TARGETS
 RANK = 8
 
 
 def _build(method: str, args):
     import torch
     from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import hf_speft
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                         max_position_embeddings=args.seq_len)
-    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    model = LlamaForCausalLM(tiny_llama_config(args, num_attention_heads=16, num_key_value_heads=4))
+    model = model.to(getattr(torch, args.dtype))
     targeted = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     lora_count = sum(RANK * (m.in_features + m.out_features) for m in targeted)
     targeted_numel = sum(m.weight.numel() for m in targeted)
@@ -96,14 +95,9 @@ RATIO_FIELDS = ["step_time_s", "inference_time_s", "peak_extra_rss_bytes", "opti
 
 def main() -> None:
     parser = parser_for(__doc__, METHODS, "memory_speed.jsonl")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=256)
+    add_tiny_llama_arguments(parser, hidden=1024, layers=4, seq_len=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base model's dtype")
-    passthrough = ["steps", "warmup", "hidden", "layers", "batch", "seq_len", "dtype"]
+    passthrough = [*TINY_LLAMA_ARGUMENTS, "dtype"]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
     print_ratio_table(args, rounds, "method", [
         ("÷LoRA", "step_time_s"), ("inference ÷LoRA", "inference_time_s"),

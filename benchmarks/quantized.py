@@ -19,23 +19,22 @@ from __future__ import annotations
 import tempfile
 import time
 
-from harness import measure_training, parser_for, print_ratio_table, run
+from harness import (TINY_LLAMA_ARGUMENTS, TINY_LLAMA_TARGETS, add_tiny_llama_arguments, measure_training, parser_for,
+                     print_ratio_table, run, tiny_llama_config, VOCAB_SIZE)
 
 METHODS = ["lora", "speft_unmerged", "speft_auto"]
 BASES = ["8bit", "4bit", "4bit_packed"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = TINY_LLAMA_TARGETS
 RANK = 8
 
 
 def _quantized_model(args):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=args.seq_len)
+    config = tiny_llama_config(args, num_attention_heads=8, num_key_value_heads=2)
     quantization = (BitsAndBytesConfig(load_in_8bit=True) if args.base == "8bit" else
                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
     with tempfile.TemporaryDirectory() as folder:
@@ -77,7 +76,7 @@ def worker(method: str, args) -> dict:
     torch.manual_seed(0)
     model = _build(method, args)
     measured = measure_training(model, args)
-    ids = torch.randint(0, 8192, (1, 1), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB_SIZE, (1, 1), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         start = time.perf_counter()
         for _ in range(20):  # one token of one sequence: a decoding step's shapes (no cache: the projections count)
@@ -95,15 +94,10 @@ def main() -> None:
     parser.add_argument("--base", choices=BASES, default="4bit")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="the model's and the 4-bit layers' compute dtype")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
+    add_tiny_llama_arguments(parser, hidden=512, layers=2, seq_len=128)
     known, _ = parser.parse_known_args()
     parser.set_defaults(output=parser.get_default("output").replace("quantized.jsonl", f"quantized_{known.base}.jsonl"))
-    passthrough = ["base", "dtype", "steps", "warmup", "hidden", "layers", "batch", "seq_len"]
+    passthrough = ["base", "dtype", *TINY_LLAMA_ARGUMENTS]
     args, rounds = run(parser, __file__, worker, passthrough, RATIO_FIELDS)
     print_ratio_table(args, rounds, f"method ({args.base}, {args.dtype})", [
         ("÷LoRA", "step_time_s"), ("no-grad forward ÷LoRA", "inference_time_s"),
