@@ -20,7 +20,7 @@ automatic choice's first-call measurements count.
     python benchmarks/real_model.py --batch_size 2 --salience_batches 4   # benchmarks/README.md's settings
     python benchmarks/real_model.py --rounds 1 --speed_steps 2 --warmup 1   # quick look
     python benchmarks/real_model.py --padding longest --warmup 0 --speed_steps 40 --salience_batches 4 \
-        --methods speft lora --rounds 2 --output benchmarks/results/real_model_short_run.jsonl   # the short run
+        --methods speft lora --rounds 4 --output benchmarks/results/real_model_short_run.jsonl   # the short run
 """
 
 from __future__ import annotations
