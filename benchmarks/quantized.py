@@ -19,12 +19,11 @@ from __future__ import annotations
 import tempfile
 import time
 
-from harness import (TINY_LLAMA_ARGUMENTS, TINY_LLAMA_TARGETS, add_tiny_llama_arguments, measure_training, parser_for,
+from harness import (TINY_LLAMA_ARGUMENTS, LLAMA_PROJECTIONS, add_tiny_llama_arguments, measure_training, parser_for,
                      print_ratio_table, run, tiny_llama_config, VOCAB_SIZE)
 
 METHODS = ["lora", "speft_unmerged", "speft_auto"]
 BASES = ["8bit", "4bit", "4bit_packed"]
-TARGETS = TINY_LLAMA_TARGETS
 RANK = 8
 
 
@@ -61,10 +60,10 @@ def _build(method: str, args):
 
     model = _quantized_model(args)
     if method == "lora":
-        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=LLAMA_PROJECTIONS))
     if method == "speft_unmerged":
         QuantizedLinear.merges = lambda self, x: None  # this worker process only: the unmerged forward everywhere
-    config = hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK, salience="magnitude",
+    config = hf_speft.SparsePeftConfig(target_modules=LLAMA_PROJECTIONS, match_lora_rank=RANK, salience="magnitude",
                                        fold_weights="auto")
     return get_peft_model(model, config)
 

@@ -24,13 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from harness import PeakGrowth
+from harness import LLAMA_PROJECTIONS, PeakGrowth
 
 from hf_speft.measures import measure_info
 
 MEASURES = ["magnitude", "random", "gradient", "snip", "taylor", "skeleton", "fisher", "grasp", "synflow", "force"]
 TOPK = ["topk_hf_speft", "topk_concat"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model_and_batch(args):
@@ -45,7 +44,7 @@ def _model_and_batch(args):
                          num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
                          max_position_embeddings=args.seq_len)
     model = get_peft_model(LlamaForCausalLM(config), hf_speft.SparsePeftConfig(
-        target_modules=TARGETS, match_lora_rank=8, salience="magnitude"))
+        target_modules=LLAMA_PROJECTIONS, match_lora_rank=8, salience="magnitude"))
     ids = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids, "labels": ids}
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import LLAMA_PROJECTIONS
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from peft.utils.hotswap import hotswap_adapter_from_state_dict
@@ -36,7 +37,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_speft
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
 MODELS = ("tiny-llama", "smollm2-135m")
 ADAPTERS = ("math", "code")
@@ -55,16 +55,16 @@ def base_model(name: str) -> torch.nn.Module:
 
 
 def speft_model(base: torch.nn.Module) -> torch.nn.Module:
-    model = get_peft_model(base, hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK,
+    model = get_peft_model(base, hf_speft.SparsePeftConfig(target_modules=LLAMA_PROJECTIONS, match_lora_rank=RANK,
                                                            salience="random", seed=1, init_weights=False), "math")
-    model.add_adapter("code", hf_speft.SparsePeftConfig(target_modules=TARGETS, match_lora_rank=RANK, salience="random",
-                                                     seed=2, init_weights=False))
+    model.add_adapter("code", hf_speft.SparsePeftConfig(target_modules=LLAMA_PROJECTIONS, match_lora_rank=RANK,
+                                                     salience="random", seed=2, init_weights=False))
     return model.eval()
 
 
 def lora_model(base: torch.nn.Module) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], LoraConfig]:
     """A LoRA model with adapters "math" and "code" (nonzero B), and both adapters' state dicts for hot-swapping."""
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=LLAMA_PROJECTIONS, init_lora_weights=False)
     torch.manual_seed(1)
     model = get_peft_model(base, copy.deepcopy(config), "math")
     torch.manual_seed(2)

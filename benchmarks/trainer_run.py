@@ -13,10 +13,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from harness import PeakRss, median, parser_for, rss_bytes, run
+from harness import LLAMA_PROJECTIONS, PeakRss, median, parser_for, rss_bytes, run
 
 METHODS = ["lora", "speft_static", "speft_dynamic"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
 NUMBERS = 1000
 
@@ -72,10 +71,11 @@ def worker(method: str, args) -> dict:
                          max_position_embeddings=128)
     base = LlamaForCausalLM(config)
     if method == "lora":
-        model = get_peft_model(base, LoraConfig(target_modules=TARGETS, r=RANK, lora_alpha=2 * RANK))
+        model = get_peft_model(base, LoraConfig(target_modules=LLAMA_PROJECTIONS, r=RANK, lora_alpha=2 * RANK))
     else:
         model = get_peft_model(base, hf_speft.SparsePeftConfig(
-            target_modules=TARGETS, match_lora_rank=RANK, salience="gradient", salience_batches=args.salience_batches,
+            target_modules=LLAMA_PROJECTIONS, match_lora_rank=RANK, salience="gradient",
+            salience_batches=args.salience_batches,
             mask_update="dynamic" if method == "speft_dynamic" else "static", update_interval=args.update_interval))
     sft_args = SFTConfig(f"/tmp/hf_speft_bench_{method}", max_steps=args.steps, per_device_train_batch_size=args.batch,
                          learning_rate=1e-3 if method == "lora" else 1e-2, logging_steps=1, report_to=[],
